@@ -1,0 +1,183 @@
+"""The NENNI layer (PyTorch reference semantics) and the batch-norm-folded exact layers it wraps.
+
+z' = m * z + (1 - m) * (z~ + noise), with z = W x + b the exact output, z~ = W~ (P x) + b~ the prediction and
+m the essential mask chosen from z~ (constant in backward). This module is the one definition of the op's
+semantics; the ONNX function bodies and any fused kernel are tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LayerSpec
+from .projection import ternary_projection
+from .quant import fake_quantize
+from .selection import channel_indices, ranking_score, select
+
+
+class ScaledConv2d(nn.Conv2d):
+    """A convolution with batch norm folded in as a frozen per-channel `scale`: W_folded = scale * weight.
+
+    Training `weight` in its original (unfolded) scale keeps one learning rate sensible for every channel;
+    training the folded weight directly acts like a step scale^-2 larger and diverges (method.md 1.4).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("scale", torch.ones(self.out_channels))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> ScaledConv2d:
+        new = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+            dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+        )
+        with torch.no_grad():
+            new.weight.copy_(conv.weight)
+            new.bias.copy_(conv.bias if conv.bias is not None else torch.zeros(conv.out_channels))
+        return new.to(conv.weight.device)
+
+    def folded_weight(self) -> torch.Tensor:
+        return self.weight * self.scale.view(-1, 1, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.folded_weight(), self.bias)
+
+
+class ScaledLinear(nn.Linear):
+    """A linear layer with a frozen per-output `scale` (batch norm folded in, or ones)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("scale", torch.ones(self.out_features))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> ScaledLinear:
+        new = cls(lin.in_features, lin.out_features, bias=True)
+        with torch.no_grad():
+            new.weight.copy_(lin.weight)
+            new.bias.copy_(lin.bias if lin.bias is not None else torch.zeros(lin.out_features))
+        return new.to(lin.weight.device)
+
+    def folded_weight(self) -> torch.Tensor:
+        return self.weight * self.scale.view(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.folded_weight(), self.bias)
+
+
+class NenniLayer(nn.Module):
+    """A frozen exact layer, a seeded ternary projection and a fitted approximator W~, b~.
+
+    `mode` is "nenni" (the method) or "exact" (the wrapped layer alone: before fitting, and for baselines).
+    `execution` is "masked" (computes everything, any granularity) or "skip" (channel granularity only: computes
+    just the essential channels per sample). Both give the same result.
+    """
+
+    def __init__(self, exact: ScaledConv2d | ScaledLinear, spec: LayerSpec) -> None:
+        super().__init__()
+        self.exact = exact
+        self.spec = spec
+        self.is_conv = isinstance(exact, nn.Conv2d)
+        n, k = spec.out_dim, spec.proj_dim
+        geometry = tuple(exact.weight.shape[1:])  # (C_in, kh, kw) or (d,)
+        self.register_buffer("proj", ternary_projection((k, *geometry), spec.seed).to(exact.weight.device))
+        self.approx_weight = nn.Parameter(torch.zeros(n, k, device=exact.weight.device))
+        self.approx_bias = nn.Parameter(torch.zeros(n, device=exact.weight.device))
+        self.register_buffer("residual_rms", torch.tensor(float(spec.residual_rms or 0.0)))
+        self.mode = "nenni"
+        self.execution = "masked"
+        self.generator: torch.Generator | None = None  # set for reproducible noise; None draws from torch's RNG
+
+    # -- the pieces -----------------------------------------------------------------------------------------
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """P x at every position: additions and subtractions only on hardware that exploits it."""
+        if self.is_conv:
+            c = self.exact
+            return F.conv2d(x, self.proj, None, c.stride, c.padding, c.dilation)
+        return F.linear(x, self.proj)
+
+    def quantized_approx_weight(self) -> torch.Tensor:
+        return fake_quantize(self.approx_weight, self.spec.approx_bits)
+
+    def approximate(self, u: torch.Tensor) -> torch.Tensor:
+        """z~ = W~ u + b~ (a 1x1 convolution for conv layers)."""
+        w = self.quantized_approx_weight()
+        if self.is_conv:
+            return F.conv2d(u, w[:, :, None, None], self.approx_bias)
+        return F.linear(u, w, self.approx_bias)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.approximate(self.project(x))
+
+    def fill(self, pred: torch.Tensor) -> torch.Tensor:
+        """What non-essential neurons output: the prediction, plus explicit noise in `gaussian` mode."""
+        if self.spec.noise != "gaussian":
+            return pred
+        std = self.spec.noise_scale * self.residual_rms
+        noise = torch.randn(pred.shape, generator=self.generator, device=pred.device, dtype=pred.dtype)
+        return pred + std * noise
+
+    # -- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "exact":
+            return self.exact(x)
+        pred = self.predict(x)
+        if self.execution == "skip":
+            return self.forward_skip(x, pred)
+        mask = select(pred, self.spec)
+        return torch.where(mask, self.exact(x), self.fill(pred))
+
+    def forward_skip(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Channel granularity computing only the K essential channels of each sample."""
+        if self.spec.granularity != "channel":
+            raise RuntimeError("skip execution exists only for the channel granularity")
+        with torch.no_grad():
+            idx = channel_indices(ranking_score(pred, self.spec.rank), self.spec.essential)  # (B, K)
+        weight, bias = self.exact.folded_weight(), self.exact.bias
+        b, k = idx.shape
+        if self.is_conv:
+            # One group per sample: sample i's input meets only its own K selected filters.
+            c = self.exact
+            w_sel = weight[idx].reshape(b * k, *weight.shape[1:])
+            out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w_sel, bias[idx].reshape(-1),
+                           c.stride, c.padding, c.dilation, groups=b)
+            out = out.view(b, k, *out.shape[2:])
+            index = idx[:, :, None, None].expand(-1, -1, *out.shape[2:])
+        else:
+            out = torch.bmm(weight[idx], x.unsqueeze(2)).squeeze(2) + bias[idx]
+            index = idx
+        return self.fill(pred).scatter(1, index, out)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        pattern = f"{s.nm[0]}:{s.nm[1]}" if s.granularity == "nm" else f"ratio={s.ratio:g}"
+        return f"{s.granularity}, {pattern}, k={s.proj_dim}, rank={s.rank}, noise={s.noise}, bits={s.approx_bits}"
+
+
+def nenni_layers(model: nn.Module) -> dict[str, NenniLayer]:
+    """The model's NENNI layers by qualified name, in registration order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, NenniLayer)}
+
+
+def set_mode(model: nn.Module, mode: str) -> None:
+    for layer in nenni_layers(model).values():
+        layer.mode = mode
+
+
+def set_execution(model: nn.Module, execution: str) -> None:
+    for layer in nenni_layers(model).values():
+        if execution == "skip" and layer.spec.granularity != "channel":
+            continue
+        layer.execution = execution
+
+
+def seed_noise(model: nn.Module, seed: int | None) -> None:
+    """Make explicit noise reproducible (one generator per layer), or None to draw from torch's global RNG."""
+    for i, layer in enumerate(nenni_layers(model).values()):
+        if seed is None:
+            layer.generator = None
+        else:
+            layer.generator = torch.Generator(device=layer.proj.device).manual_seed(int(seed) * 1000003 + i)
