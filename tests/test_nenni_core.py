@@ -16,7 +16,12 @@ from nenni_deploy.nenni.config import LayerSpec, NenniConfig, parse_nm, resolve_
 from nenni_deploy.nenni.convert import analyse, convert, fold_batchnorm
 from nenni_deploy.nenni.cost import layer_costs, totals
 from nenni_deploy.nenni.fit import NormalEquations, fit
-from nenni_deploy.nenni.layers import NenniLayer, ScaledConv2d, nenni_layers, seed_noise, set_execution, set_mode
+from nenni_deploy.nenni.layers import (
+    ScaledConv2d,
+    seed_noise,
+    set_execution,
+    set_mode,
+)
 from nenni_deploy.nenni.projection import layer_seed, ternary_projection
 from nenni_deploy.nenni.quant import fake_quantize
 
@@ -57,8 +62,21 @@ def test_projection_seed_determinism():
 
 # -- selection against brute force ----------------------------------------------------------------------------
 def _spec(**kw):
-    base = dict(name="l", kind="conv", in_dim=9, out_dim=16, proj_dim=4, ratio=0.25, granularity="element", nm=None,
-                rank="signed", noise="none", noise_scale=1.0, seed=0, approx_bits=32)
+    base = dict(
+        name="l",
+        kind="conv",
+        in_dim=9,
+        out_dim=16,
+        proj_dim=4,
+        ratio=0.25,
+        granularity="element",
+        nm=None,
+        rank="signed",
+        noise="none",
+        noise_scale=1.0,
+        seed=0,
+        approx_bits=32,
+    )
     base.update(kw)
     return LayerSpec(**base)
 
@@ -120,8 +138,18 @@ def test_threshold_mask():
 # -- configuration --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(ratio=0), dict(ratio=1.5), dict(ratio=float("nan")), dict(granularity="block"), dict(noise="uniform"),
-     dict(approx_bits=1), dict(nm="8:4"), dict(nm="4-8"), dict(noise="gaussian", noise_scale=0.0), dict(ridge=-1)],
+    [
+        dict(ratio=0),
+        dict(ratio=1.5),
+        dict(ratio=float("nan")),
+        dict(granularity="block"),
+        dict(noise="uniform"),
+        dict(approx_bits=1),
+        dict(nm="8:4"),
+        dict(nm="4-8"),
+        dict(noise="gaussian", noise_scale=0.0),
+        dict(ridge=-1),
+    ],
 )
 def test_bad_settings_are_one_line_errors(kwargs):
     with pytest.raises(NenniError) as info:
@@ -308,4 +336,3 @@ def test_cost_of_a_hand_computed_layer():
     t = totals(list(rows.values()))
     assert t["macs_dense"] == 36 * 64 + 36 * 16 * 72 + 2 * 576
     assert 0 < t["mac_reduction"] < 1
-

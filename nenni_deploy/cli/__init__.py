@@ -14,7 +14,16 @@ COMMANDS = ("calibrate", "info", "train", "finetune")
 
 
 class NenniGroup(click.Group):
-    """Turns every NenniError (and the usual OS errors on user paths) into one line and exit status 1."""
+    """Imports each command on first use (a fast `nenni --help`; torch loads only when needed) and turns every
+    NenniError (and the usual OS errors on user paths) into one line and exit status 1."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        return importlib.import_module(f"{__name__}.{name.replace('-', '_')}").command
 
     def invoke(self, ctx: click.Context):
         try:
@@ -29,12 +38,3 @@ class NenniGroup(click.Group):
 @click.version_option(__version__, prog_name="nenni")
 def main() -> None:
     """nenni-deploy: make a trained image classifier cheaper and harder to attack, export it, measure it."""
-
-
-def _register() -> None:
-    for name in COMMANDS:
-        module = importlib.import_module(f"{__name__}.{name.replace('-', '_')}")
-        main.add_command(module.command, name)
-
-
-_register()

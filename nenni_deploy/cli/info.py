@@ -51,12 +51,28 @@ def describe(card: dict) -> str:
         f"versions: {', '.join(f'{k} {v}' for k, v in card.get('versions', {}).items())}",
     ]
     if m:
-        parts = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items() if not isinstance(v, dict)]
+        parts = [
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items() if not isinstance(v, dict)
+        ]
         lines.append("metrics: " + ", ".join(parts))
-    rows = [[s["name"], s["kind"], s["in_dim"], s["out_dim"], s["proj_dim"], s["ratio"], s["rank"],
-             s.get("fit_rel_error"), s.get("residual_rms")] for s in card["layers"]]
+    rows = [
+        [
+            s["name"],
+            s["kind"],
+            s["in_dim"],
+            s["out_dim"],
+            s["proj_dim"],
+            s["ratio"],
+            s["rank"],
+            s.get("fit_rel_error"),
+            s.get("residual_rms"),
+        ]
+        for s in card["layers"]
+    ]
     lines.append(format_table(["layer", "kind", "d", "n", "k", "ratio", "rank", "fit err", "resid rms"], rows))
     for h in card.get("history", []):
-        lines.append(f"history: {h.get('stage')}: " + ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in h.items() if k != "stage"))
+        lines.append(
+            f"history: {h.get('stage')}: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in h.items() if k != "stage")
+        )
     return "\n".join(lines)

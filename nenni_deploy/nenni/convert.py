@@ -138,7 +138,9 @@ def _check_supported(info: LayerInfo) -> None:
     mod = info.module
     if isinstance(mod, nn.Conv2d):
         if mod.groups != 1:
-            raise UnsupportedLayerError(f"layer {info.name}: grouped convolution (groups={mod.groups}) is not supported")
+            raise UnsupportedLayerError(
+                f"layer {info.name}: grouped convolution (groups={mod.groups}) is not supported"
+            )
         if mod.padding_mode != "zeros":
             raise UnsupportedLayerError(f"layer {info.name}: padding_mode {mod.padding_mode!r} is not supported")
         if isinstance(mod.padding, str):
@@ -156,14 +158,24 @@ def make_spec(info: LayerInfo, config: NenniConfig) -> LayerSpec:
     granularity = config.granularity
     nm = config.nm if granularity == "nm" else None
     if nm and n % nm[1]:
-        raise NenniError(f"layer {info.name}: {n} output channels are not a multiple of M={nm[1]} for N:M {nm[0]}:{nm[1]}")
+        raise NenniError(
+            f"layer {info.name}: {n} output channels are not a multiple of M={nm[1]} for N:M {nm[0]}:{nm[1]}"
+        )
     rank = config.rank if config.rank != "auto" else ("magnitude" if info.feeds_add else "signed")
     return LayerSpec(
-        name=info.name, kind="conv" if is_conv else "linear", in_dim=d, out_dim=n,
+        name=info.name,
+        kind="conv" if is_conv else "linear",
+        in_dim=d,
+        out_dim=n,
         proj_dim=resolve_proj_dim(config.proj_dim, n, d),
         ratio=nm[0] / nm[1] if nm else config.ratio_for(info.name),
-        granularity=granularity, nm=nm, rank=rank, noise=config.noise, noise_scale=config.noise_scale,
-        seed=layer_seed(config.seed, info.order), approx_bits=int(config.approx_bits),
+        granularity=granularity,
+        nm=nm,
+        rank=rank,
+        noise=config.noise,
+        noise_scale=config.noise_scale,
+        seed=layer_seed(config.seed, info.order),
+        approx_bits=int(config.approx_bits),
     )
 
 

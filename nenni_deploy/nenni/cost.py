@@ -24,8 +24,10 @@ class Assumptions:
     act_bits: int = 8
 
     def describe(self, approx_bits: int) -> str:
-        return (f"exact W{self.weight_bits}A{self.act_bits}, approximator W{approx_bits}A{self.act_bits}, "
-                f"projection additions at {self.act_bits} bits; dense W{self.weight_bits}A{self.act_bits}")
+        return (
+            f"exact W{self.weight_bits}A{self.act_bits}, approximator W{approx_bits}A{self.act_bits}, "
+            f"projection additions at {self.act_bits} bits; dense W{self.weight_bits}A{self.act_bits}"
+        )
 
 
 @dataclass
@@ -55,8 +57,11 @@ def _record_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[st
     handles = []
     for name, mod in model.named_modules():
         if isinstance(mod, (nn.Conv2d, nn.Linear, NenniLayer)) and not _inside_nenni(model, name):
-            handles.append(mod.register_forward_hook(
-                lambda m, _i, out, name=name: positions.__setitem__(name, int(math.prod(out.shape[2:])) or 1)))
+            handles.append(
+                mod.register_forward_hook(
+                    lambda m, _i, out, name=name: positions.__setitem__(name, int(math.prod(out.shape[2:])) or 1)
+                )
+            )
     try:
         was_training = model.training
         model.eval()
@@ -86,7 +91,9 @@ def _selection_ops(layer: NenniLayer) -> int:
     return int(n * max(1.0, math.log2(s.essential + 1)))
 
 
-def layer_costs(model: nn.Module, input_shape: tuple[int, ...], assumptions: Assumptions | None = None) -> list[LayerCost]:
+def layer_costs(
+    model: nn.Module, input_shape: tuple[int, ...], assumptions: Assumptions | None = None
+) -> list[LayerCost]:
     a = assumptions or Assumptions()
     positions = _record_positions(model, input_shape)
     rows: list[LayerCost] = []
@@ -101,25 +108,71 @@ def layer_costs(model: nn.Module, input_shape: tuple[int, ...], assumptions: Ass
             proj = pos * s.proj_dim * s.in_dim
             adds = pos * nonzeros(mod.proj)
             sel = pos * _selection_ops(mod) + (s.out_dim if s.granularity == "channel" else 0)
-            rows.append(LayerCost(
-                name, s.kind, pos, s.in_dim, s.out_dim, s.proj_dim, s.essential, nonzeros(mod.proj) / mod.proj.numel(),
-                dense, exact, approx, proj, adds, sel, exact + approx + proj, dense * wa,
-                exact * wa + approx * min(s.approx_bits, 32) * a.act_bits + adds * a.act_bits,
-            ))
+            rows.append(
+                LayerCost(
+                    name,
+                    s.kind,
+                    pos,
+                    s.in_dim,
+                    s.out_dim,
+                    s.proj_dim,
+                    s.essential,
+                    nonzeros(mod.proj) / mod.proj.numel(),
+                    dense,
+                    exact,
+                    approx,
+                    proj,
+                    adds,
+                    sel,
+                    exact + approx + proj,
+                    dense * wa,
+                    exact * wa + approx * min(s.approx_bits, 32) * a.act_bits + adds * a.act_bits,
+                )
+            )
         else:
             d = int(mod.weight[0].numel()) if mod.weight.dim() > 1 else 1
             n = mod.weight.shape[0]
             dense = pos * n * d // (mod.groups if isinstance(mod, nn.Conv2d) else 1)
             kind = "conv" if isinstance(mod, nn.Conv2d) else "linear"
-            rows.append(LayerCost(name, kind, pos, d, n, None, None, None, dense, dense, 0, 0, 0, 0, dense,
-                                  dense * wa, dense * wa))
+            rows.append(
+                LayerCost(
+                    name,
+                    kind,
+                    pos,
+                    d,
+                    n,
+                    None,
+                    None,
+                    None,
+                    dense,
+                    dense,
+                    0,
+                    0,
+                    0,
+                    0,
+                    dense,
+                    dense * wa,
+                    dense * wa,
+                )
+            )
     return rows
 
 
 def totals(rows: list[LayerCost]) -> dict[str, float]:
-    t = {key: sum(getattr(r, key) for r in rows) for key in
-         ("macs_dense", "macs_nenni", "macs_exact", "macs_approx", "macs_projection", "adds_projection",
-          "selection_ops", "bitops_dense", "bitops_nenni")}
+    t = {
+        key: sum(getattr(r, key) for r in rows)
+        for key in (
+            "macs_dense",
+            "macs_nenni",
+            "macs_exact",
+            "macs_approx",
+            "macs_projection",
+            "adds_projection",
+            "selection_ops",
+            "bitops_dense",
+            "bitops_nenni",
+        )
+    }
     t["mac_reduction"] = 1 - t["macs_nenni"] / t["macs_dense"] if t["macs_dense"] else 0.0
     t["bitops_reduction"] = 1 - t["bitops_nenni"] / t["bitops_dense"] if t["bitops_dense"] else 0.0
     t["mac_ideal_speedup"] = t["macs_dense"] / t["macs_nenni"] if t["macs_nenni"] else 1.0
@@ -135,9 +188,13 @@ def cost_report(model: nn.Module, input_shape: tuple[int, ...], assumptions: Ass
     return {
         "layers": [asdict(r) for r in rows],
         "totals": totals(rows),
-        "assumptions": {**asdict(a), "approx_bits": bits, "text": a.describe(bits[0]),
-                        "macs_nenni": "exact essential + approximator + projection charged as dense float MACs",
-                        "per": "image"},
+        "assumptions": {
+            **asdict(a),
+            "approx_bits": bits,
+            "text": a.describe(bits[0]),
+            "macs_nenni": "exact essential + approximator + projection charged as dense float MACs",
+            "per": "image",
+        },
     }
 
 

@@ -7,19 +7,16 @@ the number of calibration images.
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from .layers import NenniLayer, nenni_layers
 from .selection import ranking_score
-
-
-class _Stop(Exception):
-    """Raised by a hook once the layer being fitted has seen its input: the rest of the network is not needed."""
 
 
 @dataclass
@@ -35,8 +32,12 @@ class NormalEquations:
     @classmethod
     def zeros(cls, k: int, n: int) -> NormalEquations:
         f64 = torch.float64
-        return cls(torch.zeros(k + 1, k + 1, dtype=f64), torch.zeros(k + 1, n, dtype=f64),
-                   torch.zeros(n, dtype=f64), torch.zeros(n, dtype=f64))
+        return cls(
+            torch.zeros(k + 1, k + 1, dtype=f64),
+            torch.zeros(k + 1, n, dtype=f64),
+            torch.zeros(n, dtype=f64),
+            torch.zeros(n, dtype=f64),
+        )
 
     def add(self, u: torch.Tensor, z: torch.Tensor) -> None:
         u = torch.cat([u.double(), torch.ones(u.shape[0], 1, dtype=torch.float64)], dim=1)
@@ -76,35 +77,16 @@ class LayerFit:
     seconds: float
 
 
-def _run_until(model: nn.Module, layer: nn.Module, batches: Iterable[torch.Tensor], on_input) -> None:
-    def hook(_mod, args):
-        on_input(args[0])
-        raise _Stop
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for xb in batches:
-                try:
-                    model(xb)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-
-
-def fit_layer(model: nn.Module, layer: NenniLayer, batches: list[torch.Tensor], ridge: float) -> LayerFit:
+def fit_layer(layer: NenniLayer, inputs: list[torch.Tensor], ridge: float) -> LayerFit:
+    """Fit one layer from the inputs it receives (one tensor per calibration batch); leaves it in NENNI mode."""
     start = time.perf_counter()
     spec = layer.spec
     eqs = NormalEquations.zeros(spec.proj_dim, spec.out_dim)
     layer.mode = "exact"
-
-    def accumulate(x: torch.Tensor) -> None:
-        eqs.add(_rows(layer.project(x)), _rows(layer.exact(x)))
-
-    _run_until(model, layer, batches, accumulate)
-    weight, bias = eqs.solve(ridge)
     with torch.no_grad():
+        for x in inputs:
+            eqs.add(_rows(layer.project(x)), _rows(layer.exact(x)))
+        weight, bias = eqs.solve(ridge)
         layer.approx_weight.copy_(weight.float())
         layer.approx_bias.copy_(bias.float())
         sse = eqs.sse(layer.quantized_approx_weight(), layer.approx_bias).clamp_min(0)
@@ -114,46 +96,85 @@ def fit_layer(model: nn.Module, layer: NenniLayer, batches: list[torch.Tensor], 
         layer.residual_rms.fill_(rms)
     spec.fit_rel_error, spec.residual_rms = rel, rms
     if spec.granularity == "threshold":
-        spec.threshold = _calibrate_threshold(model, layer, batches[: max(1, len(batches) // 4)])
+        spec.threshold = _calibrate_threshold(layer, inputs)
     layer.mode = "nenni"
     return LayerFit(spec.name, eqs.count, rel, rms, time.perf_counter() - start)
 
 
-def _calibrate_threshold(model: nn.Module, layer: NenniLayer, batches: list[torch.Tensor]) -> float:
+def _calibrate_threshold(layer: NenniLayer, inputs: list[torch.Tensor]) -> float:
     """The score quantile that marks the target fraction of neurons essential on calibration data."""
-    scores: list[torch.Tensor] = []
-    _run_until(model, layer, batches, lambda x: scores.append(ranking_score(layer.predict(x), layer.spec.rank).flatten()))
-    flat = torch.cat(scores)
+    with torch.no_grad():
+        flat = torch.cat([ranking_score(layer.predict(x), layer.spec.rank).flatten() for x in inputs])
     if flat.numel() > 4_000_000:  # torch.quantile's input limit; a strided subsample is plenty
         flat = flat[:: flat.numel() // 4_000_000 + 1]
     return float(torch.quantile(flat.float(), 1.0 - layer.spec.ratio))
 
 
+class _NenniLeafTracer(fx.Tracer):
+    """Keeps NENNI layers as single call_module nodes, so the walk below can stop at each one."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, NenniLayer) or super().is_leaf_module(m, qualname)
+
+
 def fit(model: nn.Module, batches: list[torch.Tensor], ridge: float = 1e-4, progress: bool = True) -> list[LayerFit]:
-    """Fit every NENNI layer in network order; earlier layers run as NENNI while later ones are fitted."""
+    """Fit every NENNI layer in network order; each sees what the already-fitted earlier layers produce.
+
+    The model's graph is walked node by node over the whole calibration set, keeping each intermediate
+    result only until its last user has run: one pass through the network instead of one per layer.
+    """
     from tqdm.auto import tqdm
 
     model.eval()
-    for layer in nenni_layers(model).values():
+    layers = nenni_layers(model)
+    for layer in layers.values():
         layer.mode = "exact"
-    layers = _execution_order(model, batches[0][:1])
-    results = []
-    bar = tqdm(layers.items(), desc="fitting", unit="layer", disable=not progress)
-    for name, layer in bar:
-        bar.set_postfix_str(name)
-        results.append(fit_layer(model, layer, batches, ridge))
+    graph = _NenniLeafTracer().trace(model)
+    remaining = {node: len(node.users) for node in graph.nodes}
+    env: dict[fx.Node, list] = {}
+    results: list[LayerFit] = []
+    bar = tqdm(total=len(layers), desc="fitting", unit="layer", disable=not progress)
+    with torch.no_grad():
+        for node in graph.nodes:
+            if node.op == "output":
+                break
+            if node.op == "placeholder":
+                env[node] = list(batches)
+                continue
+            module = model.get_submodule(node.target) if node.op == "call_module" else None
+            if isinstance(module, NenniLayer) and module.mode == "exact":
+                bar.set_postfix_str(node.target)
+                results.append(fit_layer(module, [args[0] for args, _ in _batch_args(node, env, len(batches))], ridge))
+                bar.update()
+            env[node] = [_run_node(model, node, a, kw) for a, kw in _batch_args(node, env, len(batches))]
+            for used in node.all_input_nodes:
+                remaining[used] -= 1
+                if remaining[used] == 0:
+                    del env[used]
+    bar.close()
     return results
 
 
-def _execution_order(model: nn.Module, sample: torch.Tensor) -> dict[str, NenniLayer]:
-    layers = nenni_layers(model)
-    order: list[str] = []
-    names = {id(m): n for n, m in layers.items()}
-    handles = [m.register_forward_pre_hook(lambda mod, _a: order.append(names[id(mod)])) for m in layers.values()]
-    try:
-        with torch.no_grad():
-            model(sample)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: layers[n] for n in dict.fromkeys(order)}
+def _batch_args(node: fx.Node, env: dict, count: int):
+    for i in range(count):
+        pick = functools.partial(_pick, env, i)
+        yield fx.node.map_arg(node.args, pick), fx.node.map_arg(node.kwargs, pick)
+
+
+def _pick(env: dict, i: int, node: fx.Node):
+    return env[node][i]
+
+
+def _run_node(model: nn.Module, node: fx.Node, args, kwargs):
+    if node.op == "call_module":
+        return model.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    if node.op == "call_method":
+        return getattr(args[0], node.target)(*args[1:], **kwargs)
+    if node.op == "get_attr":
+        obj = model
+        for part in node.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+    raise RuntimeError(f"unexpected graph node {node.op}")

@@ -104,7 +104,9 @@ def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise NenniError(f"{d / CONFIG_FILE} is not a NENNI model config (format != {FORMAT!r})")
     if card.get("format_version") != FORMAT_VERSION:
-        raise NenniError(f"{d}: unsupported model format version {card.get('format_version')!r} (expected {FORMAT_VERSION})")
+        raise NenniError(
+            f"{d}: unsupported model format version {card.get('format_version')!r} (expected {FORMAT_VERSION})"
+        )
     return card
 
 

@@ -31,8 +31,15 @@ class ScaledConv2d(nn.Conv2d):
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> ScaledConv2d:
         new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-            dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=True,
+            padding_mode=conv.padding_mode,
         )
         with torch.no_grad():
             new.weight.copy_(conv.weight)
@@ -142,8 +149,15 @@ class NenniLayer(nn.Module):
             # One group per sample: sample i's input meets only its own K selected filters.
             c = self.exact
             w_sel = weight[idx].reshape(b * k, *weight.shape[1:])
-            out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), w_sel, bias[idx].reshape(-1),
-                           c.stride, c.padding, c.dilation, groups=b)
+            out = F.conv2d(
+                x.reshape(1, -1, *x.shape[2:]),
+                w_sel,
+                bias[idx].reshape(-1),
+                c.stride,
+                c.padding,
+                c.dilation,
+                groups=b,
+            )
             out = out.view(b, k, *out.shape[2:])
             index = idx[:, :, None, None].expand(-1, -1, *out.shape[2:])
         else:
