@@ -25,25 +25,44 @@ def _compose(*decorators):
 
 def data_options(default: str = "digits"):
     return _compose(
-        click.option("--data", "data_name", default=default, show_default=True,
-                     type=click.Choice(["digits", "cifar10"]), help="Data set (digits ships with scikit-learn)."),
-        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Folder with CIFAR-10 (train.npz/test.npz or the python batches); else $NENNI_DATA_DIR."),
+        click.option(
+            "--data",
+            "data_name",
+            default=default,
+            show_default=True,
+            type=click.Choice(["digits", "cifar10"]),
+            help="Data set (digits ships with scikit-learn).",
+        ),
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Folder with CIFAR-10 (train.npz/test.npz or the python batches); else $NENNI_DATA_DIR.",
+        ),
     )
 
 
 def runtime_options():
     return _compose(
-        click.option("--threads", type=click.IntRange(1, 256), default=None,
-                     help="Intra-op threads for PyTorch (default: torch's choice)."),
+        click.option(
+            "--threads",
+            type=click.IntRange(1, 256),
+            default=None,
+            help="Intra-op threads for PyTorch (default: torch's choice).",
+        ),
         click.option("--batch-size", type=click.IntRange(1, 100_000), default=256, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
     )
 
 
 def json_option():
-    return click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                        help="Write a machine-readable summary here.")
+    return click.option(
+        "--json",
+        "json_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Write a machine-readable summary here.",
+    )
 
 
 def apply_threads(threads: int | None) -> None:
