@@ -1,0 +1,28 @@
+# Bootstrap and run: `make demo` for the main job, `make test` for the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Inside the venv, so a recreated venv is reinstalled; remade whenever the dependencies change.
+STAMP := $(VENV)/.nenni-installed
+
+.PHONY: install demo test lint
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch goes first and pinned: an unpinned resolve of the project's range would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+demo: install
+	$(VENV)/bin/nenni demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
