@@ -86,3 +86,84 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# Options of `training_options`, named like the TrainConfig fields they set.
+TRAIN_OPTION_FIELDS = (
+    "epochs",
+    "lr",
+    "batch_size",
+    "momentum",
+    "weight_decay",
+    "nesterov",
+    "schedule",
+    "warmup_epochs",
+    "augment",
+    "val_split",
+    "max_steps_per_epoch",
+    "eval_every",
+    "grad_clip",
+    "label_smoothing",
+    "seed",
+    "threads",
+)
+
+
+def training_options(epochs: int, lr: float):
+    """The SGD loop's settings (nenni_deploy.training.TrainConfig) for every command that trains.
+
+    Numbers are plain ints and floats, validated by TrainConfig, so a bad value is a one-line error.
+    """
+    from ..training.config import AUGMENTS, SCHEDULES
+
+    return _compose(
+        click.option("--epochs", type=int, default=epochs, show_default=True),
+        click.option("--lr", type=float, default=lr, show_default=True, help="Peak learning rate (SGD)."),
+        click.option("--batch-size", type=int, default=128, show_default=True),
+        click.option("--momentum", type=float, default=0.9, show_default=True),
+        click.option(
+            "--weight-decay", type=float, default=5e-4, show_default=True, help="On conv/linear weights only."
+        ),
+        click.option("--nesterov/--no-nesterov", default=False, show_default=True),
+        click.option(
+            "--schedule",
+            type=click.Choice(SCHEDULES),
+            default="cosine",
+            show_default=True,
+            help="Per-step LR schedule; piecewise drops 10x at 50 % and 75 %.",
+        ),
+        click.option("--warmup-epochs", type=float, default=0.0, show_default=True),
+        click.option(
+            "--augment",
+            type=click.Choice(AUGMENTS),
+            default="auto",
+            show_default=True,
+            help="auto: crop+flip for 32x32 colour images, a 1-pixel shift otherwise.",
+        ),
+        click.option(
+            "--val-split",
+            type=float,
+            default=0.1,
+            show_default=True,
+            help="Fraction of the train split held out for validation and the best checkpoint.",
+        ),
+        click.option(
+            "--max-steps-per-epoch", type=int, default=None, help="Cap the steps per epoch (smoke tests, CPU budgets)."
+        ),
+        click.option("--eval-every", type=int, default=1, show_default=True, help="Validate every N epochs."),
+        click.option("--grad-clip", type=float, default=0.0, show_default=True, help="Max gradient norm (0 = off)."),
+        click.option("--label-smoothing", type=float, default=0.0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option(
+            "--threads", type=int, default=None, help="Intra-op threads for PyTorch (default: torch's choice)."
+        ),
+        click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint (fresh start if none)."),
+    )
+
+
+def pop_train_config(kwargs: dict[str, Any], **settings: Any):
+    """Take the `training_options` values out of a command's kwargs and build the TrainConfig."""
+    from ..training.config import TrainConfig
+
+    values = {name: kwargs.pop(name) for name in TRAIN_OPTION_FIELDS}
+    return TrainConfig(**values, **settings)

@@ -1,0 +1,57 @@
+"""Which parameters train, and which of them get weight decay."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import NenniError
+from ..nenni.layers import nenni_layers
+
+
+def approximator_names(model: nn.Module) -> set[str]:
+    """Qualified names of every NENNI approximator parameter (W~ and b~)."""
+    return {f"{name}.{p}" for name in nenni_layers(model) for p in ("approx_weight", "approx_bias")}
+
+
+def select_trainable(model: nn.Module, trainable: str) -> dict[str, nn.Parameter]:
+    """Mark parameters trainable by selector and return them by name.
+
+    'base': every parameter that is not an approximator (the exact layers' weight and bias, including the
+    layers NENNI leaves alone such as the first conv and the classifier, and any batch norm left unfolded);
+    'approx': the approximators only; 'both': everything. Buffers (scale, proj, residual_rms) never train.
+    The NENNI masks need no handling: they are computed under no_grad, so they are constants in backward.
+    """
+    approx = approximator_names(model)
+    chosen: dict[str, nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        is_approx = name in approx
+        train = trainable == "both" or (trainable == "approx") == is_approx
+        p.requires_grad_(train)
+        if train:
+            chosen[name] = p
+    if not chosen:
+        what = "approximator (the model has no NENNI layers)" if trainable == "approx" else "trainable"
+        raise NenniError(f"--train {trainable}: no {what} parameters to train")
+    return chosen
+
+
+def decayed_names(model: nn.Module) -> set[str]:
+    """Conv and linear weights (exact layers included); biases, norms and approximators are not decayed.
+
+    Decay on the approximators would pull the fitted W~ toward zero, away from the least-squares solution.
+    """
+    names = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            names.add(f"{mod_name}.weight" if mod_name else "weight")
+    return names
+
+
+def param_groups(model: nn.Module, params: dict[str, nn.Parameter], weight_decay: float) -> list[dict]:
+    """Two SGD groups (decayed, not decayed), leaving out an empty one."""
+    decay = decayed_names(model)
+    groups = [
+        {"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay, "group": "decay"},
+        {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0, "group": "no_decay"},
+    ]
+    return [g for g in groups if g["params"]]
