@@ -82,6 +82,7 @@ def save_nenni_model(
             "history": history or [],
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(card, indent=2) + "\n")
+        _apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -89,6 +90,15 @@ def save_nenni_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp and safetensors create owner-only files; give the model the permissions a plain write would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
