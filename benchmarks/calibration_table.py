@@ -57,8 +57,8 @@ def main() -> None:
             label = f"nm {s['config']['nm']}" if gran == "nm" else gran
             rows.append([arch, label, ratio, args.proj_dim, f"{s['dense_accuracy']:.2f}", f"{s['nenni_accuracy']:.2f}",
                          f"{t['mac_reduction'] * 100:.1f}", f"{t['bitops_reduction'] * 100:.1f}",
-                         f"{s['fit_seconds']:.1f}"])
-    head = ["model", "granularity", "ratio", "k", "dense %", "NENNI %", "MACs -%", "BitOPs -%", "fit s"]
+                         f"{s['fit_seconds']:.1f}", s["eval_images"]])
+    head = ["model", "granularity", "ratio", "k", "dense %", "NENNI %", "MACs -%", "BitOPs -%", "fit s", "test images"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")

@@ -52,6 +52,13 @@ def _split_patterns(text: str | None) -> list[str] | None:
     show_default=True,
     help="Fake-quantise the approximator to this many bits (the paper uses 4; 32 = float).",
 )
+@click.option(
+    "--layer-ratio",
+    "layer_ratios",
+    multiple=True,
+    metavar="PATTERN=RATIO",
+    help="Per-layer essential ratio by name pattern (repeatable), e.g. 'layer3.*=0.75'.",
+)
 @click.option("--include", default=None, help="Comma-separated name patterns of layers to convert.")
 @click.option("--exclude", default=None, help="Comma-separated name patterns of layers to leave dense.")
 @click.option("--ridge", type=float, default=1e-4, show_default=True, help="Relative ridge penalty of the fit.")
@@ -73,6 +80,7 @@ def command(
     noise,
     noise_scale,
     approx_bits,
+    layer_ratios,
     include,
     exclude,
     ridge,
@@ -105,6 +113,7 @@ def command(
         approx_bits=approx_bits,
         include=_split_patterns(include),
         exclude=_split_patterns(exclude) or [],
+        ratios=_parse_layer_ratios(layer_ratios),
         seed=seed,
         ridge=ridge,
     )
@@ -155,6 +164,19 @@ def command(
                 "cost": result.cost,
             },
         )
+
+
+def _parse_layer_ratios(items: tuple[str, ...]) -> dict[str, float]:
+    ratios = {}
+    for item in items:
+        pattern, sep, value = item.rpartition("=")
+        try:
+            ratios[pattern] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not pattern:
+            raise NenniError(f"--layer-ratio takes PATTERN=RATIO (e.g. 'layer3.*=0.75'), got {item!r}")
+    return ratios
 
 
 def _nenni_rows(result) -> list[dict]:

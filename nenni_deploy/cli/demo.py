@@ -30,7 +30,7 @@ def _load(path: Path) -> dict:
 @click.command(name="demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"), show_default=True)
 @click.option("--epochs", type=click.IntRange(1, 1000), default=20, show_default=True, help="Dense training epochs.")
-@click.option("--finetune-epochs", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--finetune-epochs", type=click.IntRange(1, 1000), default=30, show_default=True)
 @click.option("--ratio", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True)
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True)
 def command(out: Path, epochs: int, finetune_epochs: int, ratio: float, threads: int) -> None:
@@ -39,13 +39,71 @@ def command(out: Path, epochs: int, finetune_epochs: int, ratio: float, threads:
     out.mkdir(parents=True, exist_ok=True)
     t = ["--threads", str(threads)]
     dense_dir, cal_dir, nenni_dir = out / "dense", out / "nenni-calibrated", out / "nenni"
-    _run(["train", "--arch", "small_cnn", "--data", "digits", "--epochs", str(epochs), "--lr", "0.05",
-          "--batch-size", "64", "--out", str(dense_dir), "--json", str(out / "train.json"), "--no-progress", *t])
-    _run(["calibrate", "--arch", "small_cnn", "--weights", str(dense_dir / "model.safetensors"), "--data", "digits",
-          "--granularity", "channel", "--ratio", str(ratio), "--proj-dim", "n/4", "--calib-n", "1024",
-          "--out", str(cal_dir), "--json", str(out / "calibrate.json"), *t])
-    _run(["finetune", str(cal_dir), "--data", "digits", "--epochs", str(finetune_epochs), "--lr", "0.01",
-          "--batch-size", "64", "--out", str(nenni_dir), "--json", str(out / "finetune.json"), "--no-progress", *t])
+    _run(
+        [
+            "train",
+            "--arch",
+            "small_cnn",
+            "--data",
+            "digits",
+            "--epochs",
+            str(epochs),
+            "--lr",
+            "0.05",
+            "--batch-size",
+            "64",
+            "--out",
+            str(dense_dir),
+            "--json",
+            str(out / "train.json"),
+            "--no-progress",
+            *t,
+        ]
+    )
+    _run(
+        [
+            "calibrate",
+            "--arch",
+            "small_cnn",
+            "--weights",
+            str(dense_dir / "model.safetensors"),
+            "--data",
+            "digits",
+            "--granularity",
+            "channel",
+            "--ratio",
+            str(ratio),
+            "--proj-dim",
+            "n/4",
+            "--calib-n",
+            "1024",
+            "--out",
+            str(cal_dir),
+            "--json",
+            str(out / "calibrate.json"),
+            *t,
+        ]
+    )
+    _run(
+        [
+            "finetune",
+            str(cal_dir),
+            "--data",
+            "digits",
+            "--epochs",
+            str(finetune_epochs),
+            "--lr",
+            "0.01",
+            "--batch-size",
+            "64",
+            "--out",
+            str(nenni_dir),
+            "--json",
+            str(out / "finetune.json"),
+            "--no-progress",
+            *t,
+        ]
+    )
     exported = _export_stage(out, nenni_dir, threads)
     _run(["info", str(nenni_dir)])
     summary = _summarise(out, exported, time.perf_counter() - start)

@@ -49,8 +49,9 @@ def calibrate(
 ) -> Calibration:
     """Dense accuracy, conversion, layer-by-layer fitting, NENNI accuracy and cost, on the given tensors."""
     model.eval()
+    specs = convert(model, config)  # first: a setting that cannot apply fails before any long evaluation
+    set_mode(model, "exact")  # the folded base model, identical to the dense one
     dense_acc = accuracy(model, test_x, test_y, batch_size, "dense accuracy" if progress else None)
-    specs = convert(model, config)
     batches = calibration_batches(calib_x, calib_n, batch_size, config.seed)
     start = time.perf_counter()
     fits = fit(model, batches, ridge=config.ridge, progress=progress)
