@@ -1,1 +1,22 @@
-"""Filled by later issues."""
+"""Running exported models: checked loading, Runners (ONNX Runtime, PyTorch), batching, parity checks."""
+
+from __future__ import annotations
+
+from .loading import InputSpec, LoadedModel, check_proto, load_onnx_checked
+from .predict import accuracy, predict_dataset
+from .runners import PROVIDERS, OrtRunner, Runner, RuntimeFallbackWarning, TorchRunner, validate_input
+
+__all__ = [
+    "PROVIDERS",
+    "InputSpec",
+    "LoadedModel",
+    "OrtRunner",
+    "Runner",
+    "RuntimeFallbackWarning",
+    "TorchRunner",
+    "accuracy",
+    "check_proto",
+    "load_onnx_checked",
+    "predict_dataset",
+    "validate_input",
+]

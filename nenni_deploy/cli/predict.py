@@ -1,0 +1,84 @@
+"""`nenni predict`: run an exported ONNX model over a data set with ONNX Runtime and report its accuracy."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+from ..errors import NenniError
+from .options import json_option, write_json_atomic
+
+
+def dataset_for(loaded, data_name: str | None) -> str:
+    """--data, else the data set recorded in the model's metadata, else the one its architecture is built for."""
+    if data_name:
+        return data_name
+    recorded = loaded.metadata.get("nenni.dataset")
+    if recorded:
+        return recorded
+    arch = loaded.metadata.get("nenni.arch")
+    if arch:
+        from ..models import model_info
+
+        return model_info(arch).dataset
+    raise NenniError("the model records no data set: pass --data")
+
+
+@click.command(name="predict")
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--data", "data_name", type=click.Choice(["digits", "cifar10"]), default=None, help="Data set.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="CIFAR-10 folder.")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--n", "count", type=click.IntRange(1), default=None, help="Only the first N images.")
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Intra-op threads (default: ORT's).")
+@click.option("--inter-op-threads", type=click.IntRange(1, 256), default=None)
+@click.option("--batch-size", type=click.IntRange(1, 100_000), default=256, show_default=True)
+@json_option()
+def command(model_path, data_name, data_dir, split, count, provider, threads, inter_op_threads, batch_size, json_path):
+    """Accuracy of MODEL_PATH (an .onnx file) on a data set, with ONNX Runtime."""
+    from ..data import load_dataset, subset
+    from ..runtime import OrtRunner, RuntimeFallbackWarning, accuracy, load_onnx_checked, predict_dataset
+
+    loaded = load_onnx_checked(model_path)
+    name = dataset_for(loaded, data_name)
+    ds = load_dataset(name, split, data_dir)
+    if count:
+        ds = subset(ds, count)
+    runner = OrtRunner(loaded, provider=provider, threads=threads, inter_op_threads=inter_op_threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeFallbackWarning)  # reported once below, as one line
+        with runner:
+            start = time.perf_counter()
+            logits = predict_dataset(runner, ds.x, batch_size)
+            seconds = time.perf_counter() - start
+            used = runner.session.get_providers()[0]
+    for warning in runner.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    acc = accuracy(logits, ds.y)
+    kind = "NENNI" if loaded.is_nenni else "dense"
+    click.echo(
+        f"accuracy: {acc:.2f} % on {len(ds)} {name} {split} images ({kind} model, {used}, "
+        f"{seconds:.2f} s, {len(ds) / seconds:.0f} images/s)"
+    )
+    if json_path:
+        write_json_atomic(
+            json_path,
+            {
+                "model": str(model_path),
+                "data": name,
+                "split": split,
+                "images": len(ds),
+                "accuracy": acc,
+                "provider": provider,
+                "provider_used": used,
+                "threads": threads,
+                "batch_size": batch_size,
+                "seconds": seconds,
+                "nenni": loaded.is_nenni,
+                "warnings": runner.warnings,
+            },
+        )

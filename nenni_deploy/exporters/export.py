@@ -1,0 +1,258 @@
+"""Export a NENNI model (or its dense base) to ONNX through `torch.onnx.export(dynamo=True)`.
+
+The model is copied and every NENNI layer is swapped for a stand-in module that calls one custom op
+(`torch_ops`), so the exporter handles the rest of the model's code (residual adds, shortcut padding, pooling,
+the input normalisation) as usual. The result is then tidied and shaped for its target runtime (`graph`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
+import torch
+from torch import nn
+
+from ..errors import NenniError
+from ..nenni.layers import NenniLayer, ScaledConv2d, ScaledLinear, nenni_layers
+from . import graph, ops
+from . import torch_ops as _torch_ops  # noqa: F401  (registers the custom ops)
+
+TARGETS = ("ort", "tensorrt")
+MIN_OPSET = 18
+MAX_OPSET = 23  # the highest the torch exporter and ONNX Runtime 1.31 agree on here
+DEFAULT_OPSET = 18
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+
+
+@dataclass
+class ExportOptions:
+    target: str = "ort"
+    opset: int = DEFAULT_OPSET
+    dense: bool = False  # the base model of the same weights (every NENNI layer exact)
+    noise: bool = True  # False: leave out NenniNoise (the deterministic part of a noise model)
+    noise_seed: int | None = None  # None: fresh noise in every session
+
+    def validate(self) -> None:
+        if self.target not in TARGETS:
+            raise NenniError(f"--target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise NenniError(f"--opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {self.opset}")
+        if self.noise_seed is not None and not 0 <= self.noise_seed <= ops.MAX_SEED:
+            raise NenniError(f"--noise-seed must be in [0, {ops.MAX_SEED}], got {self.noise_seed}")
+
+
+@dataclass
+class ExportedModel:
+    proto: onnx.ModelProto
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+# -- stand-in modules -------------------------------------------------------------------------------------------
+def plain_exact(module: ScaledConv2d | ScaledLinear) -> nn.Module:
+    """A plain Conv2d / Linear holding the folded weight, so the graph carries one constant, not weight * scale."""
+    weight = module.folded_weight().detach().clone()
+    if isinstance(module, ScaledConv2d):
+        new = nn.Conv2d(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=True,
+            padding_mode=module.padding_mode,
+        )
+    else:
+        new = nn.Linear(module.in_features, module.out_features, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        new.bias.copy_(module.bias.detach())
+    return new.eval()
+
+
+class ExportLayer(nn.Module):
+    """Stands in for a NenniLayer in export: the effective tensors as buffers and one `nenni::layer` call."""
+
+    def __init__(self, layer: NenniLayer, *, noise: bool, noise_seed: int | None) -> None:
+        super().__init__()
+        spec, exact = layer.spec, layer.exact
+        self.register_buffer("weight", exact.folded_weight().detach().clone())
+        self.register_buffer("bias", exact.bias.detach().clone())
+        self.register_buffer("proj", layer.proj.detach().clone())
+        self.register_buffer("approx_weight", layer.quantized_approx_weight().detach().clone())
+        self.register_buffer("approx_bias", layer.approx_bias.detach().clone())
+        if layer.is_conv:
+            ph, pw = exact.padding
+            geometry = (list(exact.stride), [ph, pw, ph, pw], list(exact.dilation))
+        else:
+            geometry = ([1, 1], [0, 0, 0, 0], [1, 1])
+        if spec.granularity == "threshold" and spec.threshold is None:
+            raise NenniError(f"layer {spec.name}: threshold granularity without a calibrated threshold")
+        self.name = spec.name
+        self.is_conv = layer.is_conv
+        self.args = (
+            spec.kind,
+            spec.granularity,
+            spec.rank,
+            int(spec.essential),
+            float(spec.ratio),
+            list(spec.nm or (4, 8)),
+            float(spec.threshold or 0.0),
+            *geometry,
+        )
+        self.scale = float(spec.noise_scale)
+        self.residual_rms = float(layer.residual_rms)
+        self.noise = noise and spec.noise == "gaussian" and self.scale * self.residual_rms > 0
+        self.seed = -1 if noise_seed is None else int(noise_seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_conv and x.dim() != 2:
+            raise NenniError(f"layer {self.name}: linear NENNI layers export only on (batch, features) inputs")
+        y, mask = torch.ops.nenni.layer(
+            x, self.weight, self.bias, self.proj, self.approx_weight, self.approx_bias, *self.args
+        )
+        if self.noise:
+            y = torch.ops.nenni.noise(y, mask, self.scale, self.residual_rms, self.seed)
+        return y
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def export_module(model: nn.Module, options: ExportOptions) -> nn.Module:
+    """A copy of `model` ready for tracing: NENNI layers as stand-ins (or exact for --dense), folded weights."""
+    model = copy.deepcopy(model).eval()
+    for index, (name, layer) in enumerate(nenni_layers(model).items()):
+        if options.dense or layer.mode == "exact":
+            _set(model, name, plain_exact(layer.exact))
+        else:
+            seed = None if options.noise_seed is None else ops.layer_seed_for_noise(options.noise_seed, index)
+            _set(model, name, ExportLayer(layer, noise=options.noise, noise_seed=seed))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (ScaledConv2d, ScaledLinear)):
+            _set(model, name, plain_exact(module))
+    return model
+
+
+# -- export -----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter prints progress to stdout and logs warnings about optional packages: library code is quiet."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int) -> ir.Model:
+    """torch.onnx.export with a dynamic batch axis; the ONNX IR model, optimised by the exporter."""
+    example = torch.rand(2, *input_shape)
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                module,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                custom_translation_table=_torch_ops.TRANSLATION_TABLE,
+                optimize=True,
+                verbose=False,
+            )
+    except NenniError:
+        raise
+    except Exception as exc:  # the exporter raises many kinds; one line names the failing stage
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NenniError(f"torch.onnx.export failed: {first}") from exc
+    return program.model
+
+
+def tidy(model: ir.Model) -> onnx.ModelProto:
+    """Dead code out, identical initializers shared, unused opsets dropped; back to a ModelProto."""
+    for pass_ in (
+        ir_passes.RemoveUnusedNodesPass(),
+        ir_passes.DeduplicateHashedInitializersPass(),
+        ir_passes.RemoveUnusedNodesPass(),
+        ir_passes.RemoveUnusedOpsetsPass(),
+    ):
+        pass_(model)
+    return ir.serde.serialize_model(model)
+
+
+def build_onnx(
+    model: nn.Module, card: dict[str, Any], input_shape: tuple[int, ...], options: ExportOptions
+) -> ExportedModel:
+    """The finished in-memory ONNX model for `options.target`, checked (checker and shape inference)."""
+    options.validate()
+    start = time.perf_counter()
+    traced = trace_to_onnx(export_module(model, options), tuple(input_shape), options.opset)
+    proto = tidy(traced)
+    graph.trim_unused_outputs(proto)
+    graph.name_nenni_nodes(proto)
+    graph.shape_for_target(proto, options.target, options.opset)
+    graph.document_io(proto, input_shape)
+    graph.set_metadata(proto, graph.metadata_for(card, options, proto))
+    graph.check(proto)
+    seconds = time.perf_counter() - start
+    return ExportedModel(proto, seconds, graph.node_counts(proto))
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    files: list[Path]
+    bytes: int  # all written files together
+    seconds: float  # trace, passes, checks and writing
+    stats: dict[str, Any]
+    metadata: dict[str, str]
+
+
+def export_to_file(
+    model: nn.Module,
+    card: dict[str, Any],
+    input_shape: tuple[int, ...],
+    out: str | Path,
+    options: ExportOptions,
+    *,
+    external_data: bool = False,
+    exported: ExportedModel | None = None,
+) -> ExportResult:
+    """Build (unless given) and write the model atomically; one file, or `<out>.data` beside it."""
+    if exported is None:
+        exported = build_onnx(model, card, input_shape, options)
+    start = time.perf_counter()
+    files = graph.save_model_atomic(exported.proto, out, external_data=external_data)
+    seconds = exported.seconds + time.perf_counter() - start
+    return ExportResult(
+        path=Path(out),
+        files=files,
+        bytes=sum(f.stat().st_size for f in files),
+        seconds=seconds,
+        stats=exported.stats,
+        metadata=graph.read_metadata(exported.proto),
+    )

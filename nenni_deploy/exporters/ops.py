@@ -1,0 +1,515 @@
+"""The NENNI ONNX ops: the one definition of each custom op (schema, shape inference, function bodies).
+
+Domain `ai.nenni`, version 1. Three ops, each a single node in the exported graph:
+
+- `NenniConv(X, W, B, P, Wa, Ba) -> (Y, M?)`: a NENNI convolution. W, B are the exact (batch-norm folded)
+  weight and bias, P the (k, C_in, kh, kw) ternary projection, Wa the (n, k) fake-quantised approximator and
+  Ba its bias. The prediction z~ = Conv1x1(Conv(X, P), Wa) + Ba chooses the essential neurons; they take the
+  exact value Conv(X, W) + B, the others keep z~. M (optional) is the boolean essential mask, shape of Y.
+- `NenniLinear(X, W, B, P, Wa, Ba) -> (Y, M?)`: the same for a linear layer on (batch, d) inputs; P is (k, d).
+- `NenniNoise(Y, M) -> Z`: explicit noise on the non-essential neurons, Z = where(M, Y, Y + s * r * e) with
+  e ~ N(0, 1) fresh on every run, s = `scale` (a multiple of the layer's residual RMS r = `residual_rms`).
+
+Attributes of the layer ops: `granularity` (element | threshold | nm | channel), `rank` (signed | magnitude),
+`k` (K: essential channels per position or per sample), `ratio` (the fraction K was resolved from; for
+reading only), `nm` ([N, M]), `threshold`, and for NenniConv `strides`, `pads` ([top, left, bottom, right]),
+`dilations`. The TensorRT target adds `plugin_namespace` and `plugin_version`.
+
+Each layer op has one model-local function body per (granularity, rank), selected by the node's `overload`
+field (ONNX IR 10) and written only in standard ONNX ops, so that stock ONNX Runtime runs the op by inlining
+it. The bodies refer to the node's attributes, so one body serves every layer of its kind. `channel` really
+skips: it computes the exact output only for the K selected filters of each sample (im2col by Gather, then a
+batched MatMul with the gathered filter rows, then ScatterElements into the prediction), because a grouped
+convolution's `group` cannot follow a dynamic batch. The other granularities compute densely and mask.
+
+The noise body draws with `RandomNormalLike(scale=1)` and multiplies by the standard deviation afterwards: a
+`RandomNormalLike` with scale 0 aborts ONNX Runtime, so the scale given to it is never 0. Its `seed`
+attribute is passed through when the node has one (reproducible from session to session, still fresh on
+every run); without it ONNX Runtime seeds itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import onnx
+from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper
+from onnx.defs import OpSchema
+
+DOMAIN = "ai.nenni"
+DOMAIN_VERSION = 1
+SUPPORTED_DOMAIN_VERSIONS = (1,)
+
+CONV = "NenniConv"
+LINEAR = "NenniLinear"
+NOISE = "NenniNoise"
+LAYER_OPS = (CONV, LINEAR)
+ALL_OPS = (CONV, LINEAR, NOISE)
+
+GRANULARITIES = ("element", "threshold", "nm", "channel")
+RANKS = ("signed", "magnitude")
+NOISE_MODES = ("gaussian",)
+
+# TensorRT's parser looks plugins up by (op_type, plugin_version, plugin_namespace).
+PLUGIN_NAMESPACE = "nenni"
+PLUGIN_VERSION = "1"
+PLUGIN_ATTRIBUTES = ("plugin_namespace", "plugin_version")
+
+# ONNX Runtime reads the RandomNormalLike seed as a float: keep seeds exactly representable.
+MAX_SEED = 2**24 - 1
+
+_A = OpSchema.AttrType
+_LAYER_INPUTS = (
+    ("X", "T", "input: (batch, C_in, H, W) for NenniConv, (batch, d) for NenniLinear"),
+    ("W", "T", "exact weight, batch norm folded in: (n, C_in, kh, kw) or (n, d)"),
+    ("B", "T", "exact bias: (n,)"),
+    ("P", "T", "ternary projection: (k, C_in, kh, kw) or (k, d)"),
+    ("Wa", "T", "approximator weight, already fake-quantised: (n, k)"),
+    ("Ba", "T", "approximator bias: (n,)"),
+)
+
+
+# -- schemas ----------------------------------------------------------------------------------------------------
+def _default(name: str, value, doc: str) -> OpSchema.Attribute:
+    return OpSchema.Attribute(name, helper.make_attribute(name, value), doc)
+
+
+def _layer_attributes(conv: bool) -> list[OpSchema.Attribute]:
+    attrs = [
+        OpSchema.Attribute("granularity", _A.STRING, "element | threshold | nm | channel", required=True),
+        _default("rank", "signed", "rank by the signed prediction or by its magnitude"),
+        _default("k", 1, "K: essential channels per position (element) or per sample (channel)"),
+        _default("ratio", 0.0, "the essential fraction K was resolved from (for reading only)"),
+        _default("nm", [4, 8], "[N, M]: the N largest of every M consecutive channels (nm)"),
+        _default("threshold", 0.0, "score threshold (threshold granularity)"),
+        OpSchema.Attribute("plugin_namespace", _A.STRING, "TensorRT plugin namespace", required=False),
+        OpSchema.Attribute("plugin_version", _A.STRING, "TensorRT plugin version", required=False),
+    ]
+    if conv:
+        attrs += [
+            _default("strides", [1, 1], "convolution strides"),
+            _default("pads", [0, 0, 0, 0], "convolution pads [top, left, bottom, right]"),
+            _default("dilations", [1, 1], "convolution dilations"),
+        ]
+    return attrs
+
+
+def _layer_schema(op_type: str) -> OpSchema:
+    conv = op_type == CONV
+    kind = "convolution" if conv else "linear layer"
+    schema = OpSchema(
+        op_type,
+        DOMAIN,
+        DOMAIN_VERSION,
+        f"NENNI {kind}: projection-based prediction, essential selection, exact computation of the essential "
+        "neurons, the prediction for the rest (see nenni_deploy.exporters.ops).",
+        inputs=[OpSchema.FormalParameter(name, t, doc) for name, t, doc in _LAYER_INPUTS],
+        outputs=[
+            OpSchema.FormalParameter("Y", "T", "output: exact where essential, the prediction elsewhere"),
+            OpSchema.FormalParameter(
+                "M", "tensor(bool)", "essential mask, shape of Y", param_option=OpSchema.FormalParameterOption.Optional
+            ),
+        ],
+        type_constraints=[("T", ["tensor(float)"], "float32 tensors")],
+        attributes=_layer_attributes(conv),
+    )
+    schema.set_type_and_shape_inference_function(_infer_conv if conv else _infer_linear)
+    return schema
+
+
+def _noise_schema() -> OpSchema:
+    schema = OpSchema(
+        NOISE,
+        DOMAIN,
+        DOMAIN_VERSION,
+        "Explicit NENNI noise: Z = where(M, Y, Y + scale * residual_rms * e), e ~ N(0, 1) fresh on every run.",
+        inputs=[
+            OpSchema.FormalParameter("Y", "T", "a NENNI layer's output"),
+            OpSchema.FormalParameter("M", "tensor(bool)", "its essential mask (no noise where true)"),
+        ],
+        outputs=[OpSchema.FormalParameter("Z", "T", "Y with noise on the non-essential neurons")],
+        type_constraints=[("T", ["tensor(float)"], "float32 tensors")],
+        attributes=[
+            _default("mode", "gaussian", "noise distribution"),
+            _default("scale", 1.0, "standard deviation as a multiple of residual_rms"),
+            _default("residual_rms", 1.0, "the layer's measured residual RMS of the prediction"),
+            OpSchema.Attribute("seed", _A.FLOAT, "seed (integer valued); absent: fresh seed", required=False),
+            OpSchema.Attribute("plugin_namespace", _A.STRING, "TensorRT plugin namespace", required=False),
+            OpSchema.Attribute("plugin_version", _A.STRING, "TensorRT plugin version", required=False),
+        ],
+        node_determinism=OpSchema.NodeDeterminism.NonDeterministic,
+    )
+    schema.set_type_and_shape_inference_function(_infer_same)
+    return schema
+
+
+_REGISTER_LOCK = threading.Lock()
+_SCHEMAS: dict[str, OpSchema] = {}  # keeps the Python inference callbacks alive
+
+
+def register_schemas() -> None:
+    """Register the three schemas with onnx (idempotent): the checker, shape inference and the torch exporter
+    then accept the ops."""
+    with _REGISTER_LOCK:
+        for op_type, build in ((CONV, lambda: _layer_schema(CONV)), (LINEAR, lambda: _layer_schema(LINEAR))):
+            _register(op_type, build)
+        _register(NOISE, _noise_schema)
+
+
+def _register(op_type: str, build) -> None:
+    if op_type in _SCHEMAS or onnx.defs.has(op_type, DOMAIN_VERSION, DOMAIN):
+        return
+    schema = build()
+    onnx.defs.register_schema(schema)
+    _SCHEMAS[op_type] = schema
+
+
+# -- shape inference --------------------------------------------------------------------------------------------
+Dim = int | str | None
+
+
+def _dims(t: onnx.TypeProto | None) -> list[Dim] | None:
+    if t is None or not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    out: list[Dim] = []
+    for d in t.tensor_type.shape.dim:
+        out.append(d.dim_value if d.HasField("dim_value") else (d.dim_param or None))
+    return out
+
+
+def _attr_ints(ctx, name: str, default: list[int]) -> list[int]:
+    attr = ctx.get_attribute(name)
+    return list(attr.ints) if attr is not None and attr.ints else default
+
+
+def _set_outputs(ctx, elem_type: int, shape: list[Dim] | None) -> None:
+    ctx.set_output_type(0, helper.make_tensor_type_proto(elem_type, shape))
+    if ctx.get_num_outputs() > 1 and ctx.has_output(1):
+        ctx.set_output_type(1, helper.make_tensor_type_proto(TensorProto.BOOL, shape))
+
+
+def _elem_type(ctx) -> int:
+    t = ctx.get_input_type(0)
+    return t.tensor_type.elem_type if t is not None and t.HasField("tensor_type") else TensorProto.FLOAT
+
+
+def _conv_extent(size: Dim, kernel: Dim, stride: int, pad: int, dilation: int) -> Dim:
+    if not isinstance(size, int) or not isinstance(kernel, int):
+        return None
+    return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _infer_conv(ctx) -> None:
+    x, w = _dims(ctx.get_input_type(0)), _dims(ctx.get_input_type(1))
+    shape = None
+    if x is not None and len(x) == 4 and w is not None and len(w) == 4:
+        strides = _attr_ints(ctx, "strides", [1, 1])
+        pads = _attr_ints(ctx, "pads", [0, 0, 0, 0])
+        dilations = _attr_ints(ctx, "dilations", [1, 1])
+        spatial = [_conv_extent(x[2 + i], w[2 + i], strides[i], pads[i] + pads[i + 2], dilations[i]) for i in range(2)]
+        shape = [x[0], w[0], *spatial]
+    _set_outputs(ctx, _elem_type(ctx), shape)
+
+
+def _infer_linear(ctx) -> None:
+    x, w = _dims(ctx.get_input_type(0)), _dims(ctx.get_input_type(1))
+    shape = [x[0], w[0]] if x is not None and len(x) == 2 and w is not None and len(w) == 2 else None
+    _set_outputs(ctx, _elem_type(ctx), shape)
+
+
+def _infer_same(ctx) -> None:
+    ctx.set_output_type(0, helper.make_tensor_type_proto(_elem_type(ctx), _dims(ctx.get_input_type(0))))
+
+
+# -- node attributes --------------------------------------------------------------------------------------------
+def overload_name(granularity: str, rank: str) -> str:
+    """Which function body implements a layer node: one per (granularity, rank)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}")
+    if rank not in RANKS:
+        raise ValueError(f"unknown rank {rank!r}")
+    return f"{granularity}_{rank}"
+
+
+def layer_attributes(
+    *,
+    granularity: str,
+    rank: str,
+    k: int,
+    ratio: float,
+    nm: Sequence[int],
+    threshold: float,
+    strides: Sequence[int] | None = None,
+    pads: Sequence[int] | None = None,
+    dilations: Sequence[int] | None = None,
+) -> dict:
+    """The attributes of a NenniConv (with geometry) or NenniLinear node, validated."""
+    overload_name(granularity, rank)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if len(nm) != 2 or not 0 < nm[0] < nm[1]:
+        raise ValueError(f"nm must be [N, M] with 0 < N < M, got {list(nm)}")
+    attrs = dict(
+        granularity=granularity,
+        rank=rank,
+        k=int(k),
+        ratio=float(ratio),
+        nm=[int(v) for v in nm],
+        threshold=float(threshold),
+    )
+    if strides is not None:
+        attrs.update(strides=list(strides), pads=list(pads), dilations=list(dilations))
+    return attrs
+
+
+def noise_attributes(*, scale: float, residual_rms: float, seed: int | None) -> dict:
+    """Attributes of a NenniNoise node; a non-positive standard deviation is refused (it is no noise)."""
+    if not (scale > 0 and residual_rms > 0):
+        raise ValueError(f"noise needs scale > 0 and residual_rms > 0, got {scale} and {residual_rms}")
+    attrs = dict(mode="gaussian", scale=float(scale), residual_rms=float(residual_rms))
+    if seed is not None:
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"noise seed must be in [0, {MAX_SEED}], got {seed}")
+        attrs["seed"] = float(seed)
+    return attrs
+
+
+def layer_seed_for_noise(seed: int, index: int) -> int:
+    """One noise stream per layer: nodes sharing a seed would draw identical noise."""
+    return (int(seed) * 1000003 + 7919 * (index + 1)) % (MAX_SEED + 1)
+
+
+# -- function bodies --------------------------------------------------------------------------------------------
+class _Body:
+    """Collects the nodes of one function body; every call returns fresh value names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[NodeProto] = []
+        self._count = 0
+
+    def __call__(self, op_type: str, *inputs: str, outputs: int | Sequence[str] = 1, refs=None, **attrs):
+        if isinstance(outputs, int):
+            names = [self._fresh(op_type) for _ in range(outputs)]
+        else:
+            names = list(outputs)
+        node = helper.make_node(op_type, list(inputs), names, **attrs)
+        for attr_name, (ref, attr_type) in (refs or {}).items():
+            node.attribute.append(helper.make_attribute_ref(attr_name, attr_type, ref_attr_name=ref))
+        self.nodes.append(node)
+        return names[0] if len(names) == 1 else tuple(names)
+
+    def _fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"_{hint.lower()}_{self._count}"
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self("Constant", value_ints=list(values))
+
+    def int_(self, value: int) -> str:
+        return self("Constant", value_int=int(value))
+
+    def ref(self, attr: str, kind: str) -> str:
+        """A Constant holding the calling node's attribute (kind: int, ints, float)."""
+        attr_type = {"int": AttributeProto.INT, "ints": AttributeProto.INTS, "float": AttributeProto.FLOAT}[kind]
+        return self("Constant", refs={f"value_{kind}": (attr, attr_type)})
+
+
+_GEOMETRY_REFS = {
+    "strides": ("strides", AttributeProto.INTS),
+    "pads": ("pads", AttributeProto.INTS),
+    "dilations": ("dilations", AttributeProto.INTS),
+}
+
+
+def _prediction(b: _Body, conv: bool, rank: str) -> tuple[str, str]:
+    """(z~, ranking score): z~ = Wa (P x) + Ba, the score z~ or |z~|."""
+    if conv:
+        u = b("Conv", "X", "P", refs=_GEOMETRY_REFS)
+        wa = b("Unsqueeze", "Wa", b.ints([2, 3]))
+        pred = b("Conv", u, wa, "Ba")
+    else:
+        u = b("Gemm", "X", "P", transB=1)
+        pred = b("Gemm", u, "Wa", "Ba", transB=1)
+    return pred, (b("Abs", pred) if rank == "magnitude" else pred)
+
+
+def _exact(b: _Body, conv: bool) -> str:
+    if conv:
+        return b("Conv", "X", "W", "B", refs=_GEOMETRY_REFS)
+    return b("Gemm", "X", "W", "B", transB=1)
+
+
+def _bool_fill(b: _Body, shape: str, value: bool) -> str:
+    return b("ConstantOfShape", shape, value=helper.make_tensor("v", TensorProto.BOOL, [1], [value]))
+
+
+def _scatter_mask(b: _Body, like: str, idx: str, axis: int) -> str:
+    """A boolean mask shaped like `like`, true at `idx` along `axis` (ScatterElements of trues into falses)."""
+    return b(
+        "ScatterElements",
+        _bool_fill(b, b("Shape", like), False),
+        idx,
+        _bool_fill(b, b("Shape", idx), True),
+        axis=axis,
+    )
+
+
+def _k(b: _Body) -> str:
+    return b("Unsqueeze", b.ref("k", "int"), b.ints([0]))
+
+
+def _mask(b: _Body, score: str, granularity: str) -> str:
+    if granularity == "element":
+        _, idx = b("TopK", score, _k(b), outputs=2, axis=1, largest=1, sorted=1)
+        return _scatter_mask(b, score, idx, axis=1)
+    if granularity == "threshold":
+        return b("Greater", score, b.ref("threshold", "float"))
+    if granularity == "nm":
+        nm = b.ref("nm", "ints")
+        n = b("Slice", nm, b.ints([0]), b.ints([1]))
+        m = b("Slice", nm, b.ints([1]), b.ints([2]))
+        shape = b("Shape", score)
+        spatial = b("Slice", shape, b.ints([2]), b.ints([2**62]))  # empty for a linear layer
+        grouped = b("Reshape", score, b("Concat", b.ints([0, -1]), m, spatial, axis=0))
+        _, idx = b("TopK", grouped, n, outputs=2, axis=2, largest=1, sorted=1)
+        return b("Reshape", _scatter_mask(b, grouped, idx, axis=2), shape)
+    raise ValueError(f"granularity {granularity!r} has no masked body")
+
+
+def _masked_body(b: _Body, conv: bool, granularity: str, rank: str) -> None:
+    pred, score = _prediction(b, conv, rank)
+    mask = _mask(b, score, granularity)
+    b("Where", mask, _exact(b, conv), pred, outputs=["Y"])
+    b("Identity", mask, outputs=["M"])
+
+
+def _channel_indices(b: _Body, score: str, conv: bool) -> tuple[str, str]:
+    """(B, K) indices of the top-K channel scores (spatial mean for convolutions), in ascending order; and the
+    (B, n) channel scores."""
+    channel_score = b("ReduceMean", score, b.ints([2, 3]), keepdims=0) if conv else score
+    k = _k(b)
+    _, top = b("TopK", channel_score, k, outputs=2, axis=1, largest=1, sorted=1)
+    # Ascending order, as selection.channel_indices does: the same filter order on every runtime.
+    ascending, _ = b("TopK", top, k, outputs=2, axis=1, largest=0, sorted=1)
+    return ascending, channel_score
+
+
+def _scalar(b: _Body, vector: str, i: int) -> str:
+    return b("Gather", vector, b.int_(i), axis=0)
+
+
+def _im2col(b: _Body) -> tuple[str, str]:
+    """Patches of X as (B, C_in * kh * kw, L) with L = H_out * W_out, in W's flattening order; also [L].
+
+    Pad, flatten the spatial map, and Gather the flat offsets (kh, kw, H_out, W_out) built from Range: every
+    shape comes from the tensors and the attributes, so one body serves every convolution and any batch.
+    """
+    pads, strides, dilations = b.ref("pads", "ints"), b.ref("strides", "ints"), b.ref("dilations", "ints")
+    padded = b("Pad", "X", pads, b("Constant", value_float=0.0), b.ints([2, 3]))
+    xshape, wshape = b("Shape", padded), b("Shape", "W")
+    zero, one = b.int_(0), b.int_(1)
+    offsets, lengths = [], []
+    for axis in (0, 1):  # height, width
+        size, kernel = _scalar(b, xshape, 2 + axis), _scalar(b, wshape, 2 + axis)
+        stride, dilation = _scalar(b, strides, axis), _scalar(b, dilations, axis)
+        span = b("Add", b("Mul", dilation, b("Sub", kernel, one)), one)
+        out = b("Add", b("Div", b("Sub", size, span), stride), one)
+        positions = b("Mul", b("Range", zero, out, one), stride)  # (out,)
+        taps = b("Mul", b("Range", zero, kernel, one), dilation)  # (kernel,)
+        tap_shape, pos_shape = ([-1, 1, 1, 1], [1, 1, -1, 1]) if axis == 0 else ([1, -1, 1, 1], [1, 1, 1, -1])
+        offset = b("Add", b("Reshape", taps, b.ints(tap_shape)), b("Reshape", positions, b.ints(pos_shape)))
+        offsets.append(offset)
+        lengths.append(out)
+    width = _scalar(b, xshape, 3)
+    flat_index = b("Add", b("Mul", offsets[0], width), offsets[1])  # (kh, kw, H_out, W_out)
+    length = b("Unsqueeze", b("Mul", lengths[0], lengths[1]), b.ints([0]))  # [L]
+    flat_index = b("Reshape", flat_index, b("Concat", b.ints([-1]), length, axis=0))  # (kh * kw, L)
+    flat_x = b("Reshape", padded, b.ints([0, 0, -1]))  # (B, C_in, Hp * Wp)
+    patches = b("Gather", flat_x, flat_index, axis=2)  # (B, C_in, kh * kw, L)
+    return b("Reshape", patches, b("Concat", b.ints([0, -1]), length, axis=0)), length
+
+
+def _channel_body(b: _Body, conv: bool, rank: str) -> None:
+    pred, score = _prediction(b, conv, rank)
+    idx, channel_score = _channel_indices(b, score, conv)  # (B, K), (B, n)
+    bias = b("Gather", "B", idx, axis=0)  # (B, K)
+    if conv:
+        cols, length = _im2col(b)  # (B, d, L)
+        rows = b("Gather", b("Reshape", "W", b.ints([0, -1])), idx, axis=0)  # (B, K, d)
+        exact = b("Add", b("MatMul", rows, cols), b("Unsqueeze", bias, b.ints([2])))  # (B, K, L)
+        pred_shape = b("Shape", pred)
+        flat_pred = b("Reshape", pred, b.ints([0, 0, -1]))  # (B, n, L)
+        index = b("Expand", b("Unsqueeze", idx, b.ints([2])), b("Shape", exact))
+        filled = b("ScatterElements", flat_pred, index, exact, axis=1)
+        b("Reshape", filled, pred_shape, outputs=["Y"])
+        channel_mask = _scatter_mask(b, channel_score, idx, axis=1)
+        b("Expand", b("Unsqueeze", channel_mask, b.ints([2, 3])), pred_shape, outputs=["M"])
+    else:
+        rows = b("Gather", "W", idx, axis=0)  # (B, K, d)
+        exact = b("Squeeze", b("MatMul", rows, b("Unsqueeze", "X", b.ints([2]))), b.ints([2]))
+        b("ScatterElements", pred, idx, b("Add", exact, bias), axis=1, outputs=["Y"])
+        b("Identity", _scatter_mask(b, channel_score, idx, axis=1), outputs=["M"])
+
+
+def _layer_attribute_names(conv: bool, granularity: str) -> list[str]:
+    names = {"element": ["k"], "channel": ["k"], "nm": ["nm"], "threshold": ["threshold"]}[granularity]
+    return names + (["strides", "pads", "dilations"] if conv else [])
+
+
+def layer_function(op_type: str, granularity: str, rank: str, opset: int) -> FunctionProto:
+    """The model-local function implementing `op_type` for one (granularity, rank) overload."""
+    if op_type not in LAYER_OPS:
+        raise ValueError(f"{op_type!r} is not a NENNI layer op")
+    conv = op_type == CONV
+    b = _Body()
+    if granularity == "channel":
+        _channel_body(b, conv, rank)
+    else:
+        _masked_body(b, conv, granularity, rank)
+    return helper.make_function(
+        DOMAIN,
+        op_type,
+        [name for name, _, _ in _LAYER_INPUTS],
+        ["Y", "M"],
+        b.nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=_layer_attribute_names(conv, granularity),
+        doc_string=f"{op_type} ({granularity}, {rank} ranking) in standard ONNX ops",
+        overload=overload_name(granularity, rank),
+    )
+
+
+def noise_function(opset: int) -> FunctionProto:
+    b = _Body()
+    # scale=1 always: RandomNormalLike with scale 0 aborts ONNX Runtime; the std multiplies afterwards.
+    draw = b("RandomNormalLike", "Y", mean=0.0, scale=1.0, refs={"seed": ("seed", AttributeProto.FLOAT)})
+    std = b("Mul", b.ref("scale", "float"), b.ref("residual_rms", "float"))
+    b("Where", "M", "Y", b("Add", "Y", b("Mul", draw, std)), outputs=["Z"])
+    return helper.make_function(
+        DOMAIN,
+        NOISE,
+        ["Y", "M"],
+        ["Z"],
+        b.nodes,
+        [helper.make_opsetid("", opset)],
+        attributes=["scale", "residual_rms", "seed"],
+        doc_string="NenniNoise (gaussian) in standard ONNX ops",
+    )
+
+
+def function_for_node(node: NodeProto, opset: int) -> FunctionProto:
+    """The function body a NENNI node calls (its op type and, for layers, its overload)."""
+    if node.op_type == NOISE:
+        return noise_function(opset)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    granularity = _text(attrs.get("granularity"))
+    rank = _text(attrs.get("rank", b"signed"))
+    return layer_function(node.op_type, granularity, rank, opset)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+register_schemas()
