@@ -18,6 +18,7 @@ from nenni_deploy.nenni.cost import layer_costs, totals
 from nenni_deploy.nenni.fit import NormalEquations, fit
 from nenni_deploy.nenni.layers import (
     ScaledConv2d,
+    nenni_layers,
     seed_noise,
     set_execution,
     set_mode,
@@ -336,3 +337,20 @@ def test_cost_of_a_hand_computed_layer():
     t = totals(list(rows.values()))
     assert t["macs_dense"] == 36 * 64 + 36 * 16 * 72 + 2 * 576
     assert 0 < t["mac_reduction"] < 1
+
+
+def test_streaming_fit_matches_the_cached_graph_walk():
+    """Past the cache limit each layer's inputs are recomputed batch by batch: same approximators."""
+    x = torch.rand(64, 3, 12, 12)
+    fitted = []
+    for cache in (10_000, 0):
+        net = tiny_net()
+        convert(net, NenniConfig(granularity="threshold", ratio=0.4, proj_dim="n/2"))
+        results = fit(net, [x[:32], x[32:]], progress=False, cache_images=cache)
+        fitted.append((net, results))
+    (a, ra), (b, rb) = fitted
+    assert [r.name for r in ra] == [r.name for r in rb] == ["block.conv1", "block.conv2", "down", "fc1"]
+    for la, lb in zip(nenni_layers(a).values(), nenni_layers(b).values(), strict=True):
+        torch.testing.assert_close(la.approx_weight, lb.approx_weight)
+        assert la.spec.threshold == pytest.approx(lb.spec.threshold)
+    torch.testing.assert_close(a(x), b(x))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -77,8 +78,11 @@ class LayerFit:
     seconds: float
 
 
-def fit_layer(layer: NenniLayer, inputs: list[torch.Tensor], ridge: float) -> LayerFit:
-    """Fit one layer from the inputs it receives (one tensor per calibration batch); leaves it in NENNI mode."""
+def fit_layer(layer: NenniLayer, inputs: Iterable[torch.Tensor], ridge: float) -> LayerFit:
+    """Fit one layer from the inputs it receives (a re-iterable of one tensor per calibration batch).
+
+    Leaves the layer in NENNI mode.
+    """
     start = time.perf_counter()
     spec = layer.spec
     eqs = NormalEquations.zeros(spec.proj_dim, spec.out_dim)
@@ -101,7 +105,7 @@ def fit_layer(layer: NenniLayer, inputs: list[torch.Tensor], ridge: float) -> La
     return LayerFit(spec.name, eqs.count, rel, rms, time.perf_counter() - start)
 
 
-def _calibrate_threshold(layer: NenniLayer, inputs: list[torch.Tensor]) -> float:
+def _calibrate_threshold(layer: NenniLayer, inputs: Iterable[torch.Tensor]) -> float:
     """The score quantile that marks the target fraction of neurons essential on calibration data."""
     with torch.no_grad():
         flat = torch.cat([ranking_score(layer.predict(x), layer.spec.rank).flatten() for x in inputs])
@@ -117,11 +121,19 @@ class _NenniLeafTracer(fx.Tracer):
         return isinstance(m, NenniLayer) or super().is_leaf_module(m, qualname)
 
 
-def fit(model: nn.Module, batches: list[torch.Tensor], ridge: float = 1e-4, progress: bool = True) -> list[LayerFit]:
+def fit(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    ridge: float = 1e-4,
+    progress: bool = True,
+    cache_images: int = 16384,
+) -> list[LayerFit]:
     """Fit every NENNI layer in network order; each sees what the already-fitted earlier layers produce.
 
-    The model's graph is walked node by node over the whole calibration set, keeping each intermediate
-    result only until its last user has run: one pass through the network instead of one per layer.
+    Up to `cache_images` calibration images, the model's graph is walked node by node over the whole set,
+    keeping each intermediate result only until its last user has run: one pass through the network. Beyond
+    that, memory must not grow with the number of images, so each layer's inputs are recomputed batch by
+    batch from the network's input (one partial pass per layer): slower, same result.
     """
     from tqdm.auto import tqdm
 
@@ -130,10 +142,27 @@ def fit(model: nn.Module, batches: list[torch.Tensor], ridge: float = 1e-4, prog
     for layer in layers.values():
         layer.mode = "exact"
     graph = _NenniLeafTracer().trace(model)
+    bar = tqdm(total=len(layers), desc="fitting", unit="layer", disable=not progress)
+
+    def fit_one(layer: NenniLayer, inputs: Iterable[torch.Tensor]) -> LayerFit:
+        bar.set_postfix_str(layer.spec.name)
+        result = fit_layer(layer, inputs, ridge)
+        bar.update()
+        return result
+
+    try:
+        if sum(len(b) for b in batches) <= cache_images:
+            return _fit_by_graph_walk(model, graph, batches, fit_one)
+        order = [n.target for n in graph.nodes if n.op == "call_module" and n.target in layers]
+        return [fit_one(layers[name], _Recomputed(model, layers[name], batches)) for name in dict.fromkeys(order)]
+    finally:
+        bar.close()
+
+
+def _fit_by_graph_walk(model: nn.Module, graph: fx.Graph, batches: list[torch.Tensor], fit_one) -> list[LayerFit]:
     remaining = {node: len(node.users) for node in graph.nodes}
     env: dict[fx.Node, list] = {}
     results: list[LayerFit] = []
-    bar = tqdm(total=len(layers), desc="fitting", unit="layer", disable=not progress)
     with torch.no_grad():
         for node in graph.nodes:
             if node.op == "output":
@@ -143,16 +172,42 @@ def fit(model: nn.Module, batches: list[torch.Tensor], ridge: float = 1e-4, prog
                 continue
             module = model.get_submodule(node.target) if node.op == "call_module" else None
             if isinstance(module, NenniLayer) and module.mode == "exact":
-                bar.set_postfix_str(node.target)
-                results.append(fit_layer(module, [args[0] for args, _ in _batch_args(node, env, len(batches))], ridge))
-                bar.update()
+                results.append(fit_one(module, [args[0] for args, _ in _batch_args(node, env, len(batches))]))
             env[node] = [_run_node(model, node, a, kw) for a, kw in _batch_args(node, env, len(batches))]
             for used in node.all_input_nodes:
                 remaining[used] -= 1
                 if remaining[used] == 0:
                     del env[used]
-    bar.close()
     return results
+
+
+class _StopForward(Exception):
+    """Raised once the layer being fitted has seen its input: the rest of the network is not needed."""
+
+
+class _Recomputed:
+    """The inputs one layer receives, recomputed from the network input one batch at a time on each iteration."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module, batches: list[torch.Tensor]) -> None:
+        self.model, self.layer, self.batches = model, layer, batches
+
+    def __iter__(self):
+        captured: list[torch.Tensor] = []
+
+        def hook(_mod, args):
+            captured.append(args[0])
+            raise _StopForward
+
+        for xb in self.batches:
+            handle = self.layer.register_forward_pre_hook(hook)
+            try:
+                with torch.no_grad():
+                    self.model(xb)
+            except _StopForward:
+                pass
+            finally:
+                handle.remove()
+            yield captured.pop()
 
 
 def _batch_args(node: fx.Node, env: dict, count: int):
