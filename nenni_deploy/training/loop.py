@@ -253,7 +253,8 @@ class _Loop:
             group["lr"] = lr
         loss, logits = self.method.loss(self.model, xb, yb)
         if not torch.isfinite(loss):
-            raise NenniError(f"training diverged at epoch {epoch}, step {step} (loss {float(loss)}); try a lower --lr")
+            value = float(loss.detach())
+            raise NenniError(f"training diverged at epoch {epoch}, step {step} (loss {value}); try a lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clip:
