@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from nenni_deploy.cli import main
@@ -19,6 +20,7 @@ def test_demo_writes_a_report_with_measured_numbers(tmp_path):
     assert summary["dense_accuracy"] > 80
     assert 0 <= summary["nenni_finetuned_accuracy"] <= 100
     assert summary["macs_nenni"] < summary["macs_dense"]
+    assert summary["onnx"]["dense_accuracy"] == pytest.approx(summary["dense_accuracy"], abs=0.5)
     assert summary["onnx"]["check"]["passed"] and summary["onnx"]["check"]["agreement"] >= 99.0
     report = (out / "report.md").read_text()
     assert "NENNI, fine-tuned" in report and f"{summary['dense_accuracy']:.2f}" in report
