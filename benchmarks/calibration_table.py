@@ -45,19 +45,54 @@ def main() -> None:
             js = args.out / f"{tag}.json"
             if not js.exists():
                 cmd = [
-                    sys.executable, "-m", "nenni_deploy.cli", "calibrate", "--arch", arch,
-                    "--weights", str(args.shared / "weights/cifar10" / WEIGHTS[arch]), "--data", "cifar10",
-                    "--data-dir", str(args.shared / "data/cifar10"), "--granularity", gran, "--ratio", str(ratio),
-                    "--proj-dim", args.proj_dim, "--eval-n", str(args.eval_n), "--calib-n", str(args.calib_n),
-                    "--out", str(args.out / tag), "--json", str(js), "--threads", "2", *extra,
+                    sys.executable,
+                    "-m",
+                    "nenni_deploy.cli",
+                    "calibrate",
+                    "--arch",
+                    arch,
+                    "--weights",
+                    str(args.shared / "weights/cifar10" / WEIGHTS[arch]),
+                    "--data",
+                    "cifar10",
+                    "--data-dir",
+                    str(args.shared / "data/cifar10"),
+                    "--granularity",
+                    gran,
+                    "--ratio",
+                    str(ratio),
+                    "--proj-dim",
+                    args.proj_dim,
+                    "--eval-n",
+                    str(args.eval_n),
+                    "--calib-n",
+                    str(args.calib_n),
+                    "--out",
+                    str(args.out / tag),
+                    "--json",
+                    str(js),
+                    "--threads",
+                    "2",
+                    *extra,
                 ]
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             s = json.loads(js.read_text())
             t = s["cost"]["totals"]
             label = f"nm {s['config']['nm']}" if gran == "nm" else gran
-            rows.append([arch, label, ratio, args.proj_dim, f"{s['dense_accuracy']:.2f}", f"{s['nenni_accuracy']:.2f}",
-                         f"{t['mac_reduction'] * 100:.1f}", f"{t['bitops_reduction'] * 100:.1f}",
-                         f"{s['fit_seconds']:.1f}", s["eval_images"]])
+            rows.append(
+                [
+                    arch,
+                    label,
+                    ratio,
+                    args.proj_dim,
+                    f"{s['dense_accuracy']:.2f}",
+                    f"{s['nenni_accuracy']:.2f}",
+                    f"{t['mac_reduction'] * 100:.1f}",
+                    f"{t['bitops_reduction'] * 100:.1f}",
+                    f"{s['fit_seconds']:.1f}",
+                    s["eval_images"],
+                ]
+            )
     head = ["model", "granularity", "ratio", "k", "dense %", "NENNI %", "MACs -%", "BitOPs -%", "fit s", "test images"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
