@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from .. import __version__
 from ..errors import NenniError
+from ..files import staging_dir
 from . import ops
 
 FORMAT = "nenni-onnx"
@@ -278,12 +278,7 @@ def save_model_atomic(proto: ModelProto, out: str | os.PathLike, *, external_dat
     out = Path(out)
     if out.is_dir():
         raise NenniError(f"cannot write {out}: it is a directory")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    except OSError as exc:
-        raise NenniError(f"cannot write {out}: {exc.strerror or exc}") from None
+    tmp = staging_dir(out)
     try:
         written = []
         if external_data:
@@ -299,8 +294,8 @@ def save_model_atomic(proto: ModelProto, out: str | os.PathLike, *, external_dat
                 size_threshold=1024,
             )
             if (tmp / data_name).exists():
-                os.replace(tmp / data_name, parent / data_name)
-                written.append(parent / data_name)
+                os.replace(tmp / data_name, out.parent / data_name)
+                written.append(out.parent / data_name)
         else:
             onnx.save_model(proto, str(tmp / out.name))
         os.replace(tmp / out.name, out)

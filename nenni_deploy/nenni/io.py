@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import NenniError
+from ..files import staging_dir
 from .config import LayerSpec, NenniConfig
 from .convert import apply_specs, fold_batchnorm
 from .layers import nenni_layers
@@ -60,12 +60,7 @@ def save_nenni_model(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NenniError(f"output path {out} exists and is not a directory")
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    except OSError as exc:
-        raise NenniError(f"cannot write {out}: {exc.strerror or exc}") from None
+    tmp = staging_dir(out)
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
