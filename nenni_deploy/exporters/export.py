@@ -61,29 +61,6 @@ class ExportedModel:
 
 
 # -- stand-in modules -------------------------------------------------------------------------------------------
-def plain_exact(module: ScaledConv2d | ScaledLinear) -> nn.Module:
-    """A plain Conv2d / Linear holding the folded weight, so the graph carries one constant, not weight * scale."""
-    weight = module.folded_weight().detach().clone()
-    if isinstance(module, ScaledConv2d):
-        new = nn.Conv2d(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=True,
-            padding_mode=module.padding_mode,
-        )
-    else:
-        new = nn.Linear(module.in_features, module.out_features, bias=True)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        new.bias.copy_(module.bias.detach())
-    return new.eval()
-
-
 class ExportLayer(nn.Module):
     """Stands in for a NenniLayer in export: the effective tensors as buffers and one `nenni::layer` call."""
 
@@ -140,13 +117,13 @@ def export_module(model: nn.Module, options: ExportOptions) -> nn.Module:
     model = copy.deepcopy(model).eval()
     for index, (name, layer) in enumerate(nenni_layers(model).items()):
         if options.dense or layer.mode == "exact":
-            _set(model, name, plain_exact(layer.exact))
+            _set(model, name, layer.exact.to_plain().eval())
         else:
             seed = None if options.noise_seed is None else ops.layer_seed_for_noise(options.noise_seed, index)
             _set(model, name, ExportLayer(layer, noise=options.noise, noise_seed=seed))
     for name, module in list(model.named_modules()):
         if isinstance(module, (ScaledConv2d, ScaledLinear)):
-            _set(model, name, plain_exact(module))
+            _set(model, name, module.to_plain().eval())
     return model
 
 

@@ -30,24 +30,15 @@ class ScaledConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> ScaledConv2d:
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=True,
-            padding_mode=conv.padding_mode,
-        )
-        with torch.no_grad():
-            new.weight.copy_(conv.weight)
-            new.bias.copy_(conv.bias if conv.bias is not None else torch.zeros(conv.out_channels))
-        return new.to(conv.weight.device)
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.out_channels)
+        return _with_tensors(_same_geometry(cls, conv), conv.weight, bias)
 
     def folded_weight(self) -> torch.Tensor:
         return self.weight * self.scale.view(-1, 1, 1, 1)
+
+    def to_plain(self) -> nn.Conv2d:
+        """A plain Conv2d holding the folded weight: one constant in an exported graph, not weight * scale."""
+        return _with_tensors(_same_geometry(nn.Conv2d, self), self.folded_weight(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.folded_weight(), self.bias)
@@ -62,17 +53,39 @@ class ScaledLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> ScaledLinear:
-        new = cls(lin.in_features, lin.out_features, bias=True)
-        with torch.no_grad():
-            new.weight.copy_(lin.weight)
-            new.bias.copy_(lin.bias if lin.bias is not None else torch.zeros(lin.out_features))
-        return new.to(lin.weight.device)
+        bias = lin.bias if lin.bias is not None else torch.zeros(lin.out_features)
+        return _with_tensors(cls(lin.in_features, lin.out_features, bias=True), lin.weight, bias)
 
     def folded_weight(self) -> torch.Tensor:
         return self.weight * self.scale.view(-1, 1)
 
+    def to_plain(self) -> nn.Linear:
+        """A plain Linear holding the folded weight."""
+        return _with_tensors(nn.Linear(self.in_features, self.out_features), self.folded_weight(), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.folded_weight(), self.bias)
+
+
+def _same_geometry(cls: type[nn.Conv2d], conv: nn.Conv2d) -> nn.Conv2d:
+    return cls(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+    )
+
+
+def _with_tensors(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
+    return module.to(weight.device)
 
 
 class NenniLayer(nn.Module):
