@@ -7,3 +7,13 @@ class NenniError(Exception):
 
 class UnsupportedLayerError(NenniError):
     """A layer that NENNI cannot convert (e.g. a grouped convolution chosen by name)."""
+
+
+def dataclass_from_dict(cls, d: dict, what: str):
+    """Build a settings dataclass from JSON, refusing keys it does not know (a typo must not pass silently)."""
+    import dataclasses
+
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise NenniError(f"unknown {what} config keys: {', '.join(sorted(unknown))}")
+    return cls(**d)

@@ -10,7 +10,7 @@ import click
 from ..errors import NenniError
 from ..nenni.calibrate import calibrate
 from ..nenni.config import GRANULARITIES, NOISE_MODES, RANK_MODES, NenniConfig
-from .options import apply_threads, data_options, json_option, runtime_options, write_json_atomic
+from .options import apply_threads, arch_option, data_options, json_option, runtime_options, write_json_atomic
 from .tables import format_table
 
 
@@ -19,7 +19,7 @@ def _split_patterns(text: str | None) -> list[str] | None:
 
 
 @click.command(name="calibrate")
-@click.option("--arch", required=True, help="Registered architecture (see `nenni info --models`).")
+@arch_option()
 @click.option(
     "--weights",
     type=click.Path(dir_okay=False, path_type=Path),

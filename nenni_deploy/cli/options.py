@@ -23,6 +23,10 @@ def _compose(*decorators):
     return apply
 
 
+def arch_option():
+    return click.option("--arch", required=True, help="Registered architecture (see `nenni info --models`).")
+
+
 def data_options(default: str = "digits"):
     return _compose(
         click.option(

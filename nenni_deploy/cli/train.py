@@ -8,13 +8,21 @@ from typing import Any
 import click
 
 from ..errors import NenniError
-from .options import apply_threads, data_options, json_option, pop_train_config, training_options, write_json_atomic
+from .options import (
+    apply_threads,
+    arch_option,
+    data_options,
+    json_option,
+    pop_train_config,
+    training_options,
+    write_json_atomic,
+)
 
 MODEL_FILE = "model.safetensors"
 
 
 @click.command(name="train")
-@click.option("--arch", required=True, help="Registered architecture (see `nenni info --models`).")
+@arch_option()
 @click.option(
     "--weights",
     type=click.Path(dir_okay=False, path_type=Path),

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import NenniError
+from ..errors import NenniError, dataclass_from_dict
 
 GRANULARITIES = ("element", "threshold", "nm", "channel")
 NOISE_MODES = ("none", "gaussian")
@@ -146,8 +146,4 @@ class NenniConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NenniConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise NenniError(f"unknown NENNI config keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "NENNI")

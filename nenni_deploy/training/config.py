@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import NenniError
+from ..errors import NenniError, dataclass_from_dict
 
 SCHEDULES = ("cosine", "piecewise", "constant")
 AUGMENTS = ("auto", "none", "crop_flip", "translate")
@@ -88,11 +88,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise NenniError(f"unknown training config keys: {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "training")
 
     def differences(self, other: TrainConfig) -> list[str]:
         """Names of the settings that differ from `other` (for refusing an inconsistent resume)."""
