@@ -110,6 +110,10 @@ class NenniLayer(nn.Module):
         self.mode = "nenni"
         self.execution = "masked"
         self.generator: torch.Generator | None = None  # set for reproducible noise; None draws from torch's RNG
+        # Backward pass: "true" differentiates what runs; "exact" and "approx" are BPDA straight-through
+        # estimators (forward through NENNI, backward through the exact layer or the approximator), used by
+        # adaptive attacks to see past the non-differentiable top-k selection.
+        self.gradient = "true"
 
     # -- the pieces -----------------------------------------------------------------------------------------
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,9 +150,14 @@ class NenniLayer(nn.Module):
             return self.exact(x)
         pred = self.predict(x)
         if self.execution == "skip":
-            return self.forward_skip(x, pred)
-        mask = select(pred, self.spec)
-        return torch.where(mask, self.exact(x), self.fill(pred))
+            out = self.forward_skip(x, pred)
+        else:
+            mask = select(pred, self.spec)
+            out = torch.where(mask, self.exact(x), self.fill(pred))
+        if self.gradient == "true":
+            return out
+        surrogate = self.exact(x) if self.gradient == "exact" else pred
+        return surrogate + (out - surrogate).detach()
 
     def forward_skip(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Channel granularity computing only the K essential channels of each sample."""
