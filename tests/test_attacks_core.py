@@ -6,7 +6,15 @@ import pytest
 import torch
 from _nets import tiny_net
 
-from nenni_deploy.attacks import PGD, fgsm_rs, margin_loss, straight_through
+from nenni_deploy.attacks import (
+    PGD,
+    cosine_distance,
+    feature_objective,
+    features,
+    fgsm_rs,
+    margin_loss,
+    straight_through,
+)
 from nenni_deploy.errors import NenniError
 from nenni_deploy.nenni.config import NenniConfig
 from nenni_deploy.nenni.convert import convert
@@ -136,3 +144,21 @@ def test_eot_averages_gradients_over_noise_draws():
     many_b, _ = PGD(eps=0.03, eot=64).gradient(net, x, y, obj)
     # Averaging shrinks the draw-to-draw spread (about 1/sqrt(64) of it).
     assert (many_a - many_b).norm() < 0.5 * (one_a - one_b).norm()
+
+
+def test_feature_objective_drives_the_chosen_layer_away_from_its_clean_features():
+    net, (x, y) = tiny_net(), batch(8)
+    clean = features(net, x, "block")
+    adv = PGD(eps=16 / 255, steps=10).perturb(net, x, y, feature_objective("block", clean))
+    noisy = (x + (16 / 255) * torch.sign(torch.randn_like(x))).clamp(0, 1)
+    attacked = cosine_distance(features(net, adv, "block"), clean)
+    assert (attacked > 3 * cosine_distance(features(net, noisy, "block"), clean)).all()
+    assert cosine_distance(features(net, x, "block"), clean).abs().max() < 1e-5
+    # Added to an output loss, the weighted term is exactly what it says.
+    obj = feature_objective("block", clean, weight=-0.5, base=lambda m, xa, ya: torch.zeros(len(xa)))
+    torch.testing.assert_close(obj(net, adv, y), -0.5 * cosine_distance(features(net, adv, "block"), clean))
+
+
+def test_feature_objective_names_a_missing_layer():
+    with pytest.raises(NenniError, match="no layer named"):
+        feature_objective("nope", torch.zeros(1))(tiny_net(), *batch(2))
