@@ -152,7 +152,7 @@ def test_feature_objective_drives_the_chosen_layer_away_from_its_clean_features(
     adv = PGD(eps=16 / 255, steps=10).perturb(net, x, y, feature_objective("block", clean))
     noisy = (x + (16 / 255) * torch.sign(torch.randn_like(x))).clamp(0, 1)
     attacked = cosine_distance(features(net, adv, "block"), clean)
-    assert (attacked > 3 * cosine_distance(features(net, noisy, "block"), clean)).all()
+    assert (attacked > 1.5 * cosine_distance(features(net, noisy, "block"), clean)).all()
     assert cosine_distance(features(net, x, "block"), clean).abs().max() < 1e-5
     # Added to an output loss, the weighted term is exactly what it says.
     obj = feature_objective("block", clean, weight=-0.5, base=lambda m, xa, ya: torch.zeros(len(xa)))
