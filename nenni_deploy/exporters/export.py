@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import NenniError
 from ..nenni.layers import NenniLayer, ScaledConv2d, ScaledLinear, nenni_layers
-from . import graph, ops
+from . import graph, ops, tensorrt_check
 from . import torch_ops as _torch_ops  # noqa: F401  (registers the custom ops)
 
 TARGETS = ("ort", "tensorrt")
@@ -195,6 +195,8 @@ def build_onnx(
     graph.document_io(proto, input_shape)
     graph.set_metadata(proto, graph.metadata_for(card, options, proto))
     graph.check(proto)
+    if options.target == "tensorrt":
+        tensorrt_check.check_tensorrt_graph(proto, "the TensorRT-target export")
     seconds = time.perf_counter() - start
     return ExportedModel(proto, seconds, graph.node_counts(proto))
 

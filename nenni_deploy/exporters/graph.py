@@ -108,6 +108,8 @@ def attach_functions(proto: ModelProto) -> None:
     opset = model_opset(proto)
     for node in nenni_nodes(proto):
         _remove_attrs(node, ops.PLUGIN_ATTRIBUTES)
+        if node.op_type == ops.NOISE and _attr(node, "seed", 0.0) < 0:
+            _remove_attrs(node, ("seed",))  # the TensorRT form's "unseeded" marker; ORT seeds itself without one
         node.overload = layer_overload(node) if node.op_type in ops.LAYER_OPS else ""
     _drop_nenni_functions(proto)
     seen: dict[tuple[str, str], NodeProto] = {}
@@ -120,7 +122,8 @@ def attach_functions(proto: ModelProto) -> None:
 
 def mark_plugins(proto: ModelProto) -> None:
     """TensorRT form: plugin attributes on every NENNI node and no local function of the same name, because
-    TensorRT's parser resolves a local function before a plugin."""
+    TensorRT's parser resolves a local function before a plugin. Noise nodes always carry `seed` (the plugin's
+    attribute list is fixed; `ops.UNSEEDED` stands for none)."""
     for node in nenni_nodes(proto):
         _remove_attrs(node, ops.PLUGIN_ATTRIBUTES)
         node.attribute.extend(
@@ -129,6 +132,8 @@ def mark_plugins(proto: ModelProto) -> None:
                 helper.make_attribute("plugin_version", ops.PLUGIN_VERSION),
             ]
         )
+        if node.op_type == ops.NOISE and _attr(node, "seed") is None:
+            node.attribute.append(helper.make_attribute("seed", ops.UNSEEDED))
         node.overload = ""
     _drop_nenni_functions(proto)
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import onnx
 from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper
@@ -55,6 +56,9 @@ NOISE_MODES = ("gaussian",)
 PLUGIN_NAMESPACE = "nenni"
 PLUGIN_VERSION = "1"
 PLUGIN_ATTRIBUTES = ("plugin_namespace", "plugin_version")
+# A TensorRT plugin's attributes are fixed at registration, so an unseeded noise node still carries `seed`,
+# with this value meaning "no seed": the plugin then draws one per engine load.
+UNSEEDED = -1.0
 
 # ONNX Runtime reads the RandomNormalLike seed as a float: keep seeds exactly representable.
 MAX_SEED = 2**24 - 1
@@ -134,7 +138,9 @@ def _noise_schema() -> OpSchema:
             _default("mode", "gaussian", "noise distribution"),
             _default("scale", 1.0, "standard deviation as a multiple of residual_rms"),
             _default("residual_rms", 1.0, "the layer's measured residual RMS of the prediction"),
-            OpSchema.Attribute("seed", _A.FLOAT, "seed (integer valued); absent: fresh seed", required=False),
+            OpSchema.Attribute(
+                "seed", _A.FLOAT, "seed (integer valued); absent or negative: fresh seed", required=False
+            ),
             OpSchema.Attribute("plugin_namespace", _A.STRING, "TensorRT plugin namespace", required=False),
             OpSchema.Attribute("plugin_version", _A.STRING, "TensorRT plugin version", required=False),
         ],
@@ -273,6 +279,31 @@ def noise_attributes(*, scale: float, residual_rms: float, seed: int | None) -> 
             raise ValueError(f"noise seed must be in [0, {MAX_SEED}], got {seed}")
         attrs["seed"] = float(seed)
     return attrs
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """What a TensorRT plugin for one op expects: its registered id, inputs, outputs and attributes (name -> kind:
+    str, int, float or ints). The exporter's `--target tensorrt` nodes, the static checker and the plugin
+    definitions in `runtime.tensorrt.plugins` all read this one table."""
+
+    op_type: str
+    inputs: int
+    outputs: int
+    attributes: dict[str, str]
+
+    @property
+    def plugin_id(self) -> str:
+        return f"{PLUGIN_NAMESPACE}::{self.op_type}"
+
+
+_LAYER_PLUGIN_ATTRIBUTES = {"granularity": "str", "rank": "str", "k": "int", "ratio": "float", "nm": "ints"}
+_LAYER_PLUGIN_ATTRIBUTES["threshold"] = "float"
+PLUGIN_SPECS = {
+    CONV: PluginSpec(CONV, 6, 2, {**_LAYER_PLUGIN_ATTRIBUTES, "strides": "ints", "pads": "ints", "dilations": "ints"}),
+    LINEAR: PluginSpec(LINEAR, 6, 2, dict(_LAYER_PLUGIN_ATTRIBUTES)),
+    NOISE: PluginSpec(NOISE, 2, 1, {"mode": "str", "scale": "float", "residual_rms": "float", "seed": "float"}),
+}
 
 
 def layer_seed_for_noise(seed: int, index: int) -> int:
