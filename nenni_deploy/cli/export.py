@@ -143,6 +143,8 @@ def command(
     result = export_to_file(model, card, info.input_shape, out, options, external_data=external_data, exported=exported)
     load_onnx_checked(out, require_functions=target == "ort")  # the written file reads back
     stats = result.stats
+    if target == "tensorrt":  # build_onnx refused the export otherwise
+        click.echo("TensorRT check: every node is a native TensorRT op or resolves to a nenni:: plugin")
     click.echo(
         f"wrote {', '.join(map(str, result.files))} ({_mb(result.bytes)}); target {target}, opset {opset}, "
         f"{'dense' if dense else 'NENNI'}; export {result.seconds:.2f} s"
