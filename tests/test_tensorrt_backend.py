@@ -90,9 +90,10 @@ def test_shape_rules_work_on_symbolic_dimensions():
 
 
 def test_type_combinations_cover_inputs_and_outputs():
-    assert launch.type_combination(ops.CONV) == "FP32, FP32, FP32, FP32, FP32, FP32, FP32, BOOL"
+    assert launch.type_combination(ops.CONV) == "FP32, FP32, FP32, FP32, FP32, FP32, FP32, INT32"
     assert launch.type_combination(ops.LINEAR).count(",") == 7
-    assert launch.type_combination(ops.NOISE) == "FP32, BOOL, FP32"
+    assert launch.type_combination(ops.NOISE) == "FP32, INT32, FP32"
+    assert "BOOL" not in launch.LAYER_TYPES + launch.NOISE_TYPES  # TensorRT plugins take no bool tensors
 
 
 def test_attribute_parsing_accepts_plugin_field_forms_and_refuses_bad_values():

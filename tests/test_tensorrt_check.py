@@ -102,3 +102,12 @@ def test_custom_domain_op_with_a_builtin_name_is_refused():
     relu = next(n for n in proto.graph.node if n.op_type == "Relu")
     relu.domain = ops.DOMAIN
     assert "shadows TensorRT's built-in op" in tensorrt_check.tensorrt_problems(proto)[0].message
+
+
+def test_the_mask_may_only_feed_the_noise_plugin():
+    proto = trt_export("channel", "gaussian")
+    conv = graph.nenni_nodes(proto, (ops.CONV,))[0]
+    proto.graph.output.append(helper.make_tensor_value_info(conv.output[1], TensorProto.BOOL, None))
+    problems = tensorrt_check.tensorrt_problems(proto)
+    assert len(problems) == 1 and problems[0].node == conv.name
+    assert "read by the graph output; only NenniNoise may read it" in problems[0].message

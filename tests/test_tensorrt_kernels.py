@@ -74,10 +74,13 @@ def test_layer_kernels_match_the_reference(granularity):
         ]  # fmt: skip
         tensors = [t.detach().contiguous().to(DEVICE) for t in tensors]
         y = torch.empty(expected.shape, device=DEVICE)
-        mask = torch.empty(expected.shape, dtype=torch.bool, device=DEVICE)
+        # int32 0/1 as inside TensorRT; bool (stored as bytes) for one granularity
+        dtype = torch.bool if granularity == "threshold" else torch.int32
+        mask = torch.zeros(expected.shape, dtype=dtype, device=DEVICE)
         plan = kernels.nenni_layer(xin, *tensors, y, mask, _attrs(layer))
         assert plan.n == expected.shape[1]
-        torch.testing.assert_close(mask.cpu(), expected_mask, msg=f"{name}: mask")
+        assert set(mask.int().unique().tolist()) <= {0, 1}
+        torch.testing.assert_close(mask.cpu().bool(), expected_mask, msg=f"{name}: mask")
         torch.testing.assert_close(y.cpu(), expected, atol=1e-4, rtol=1e-4, msg=f"{name}: output")
         ranks.add(layer.spec.rank)
     assert ranks == {"signed", "magnitude"}
@@ -100,8 +103,8 @@ def test_channel_selection_is_rank_order_with_ties_to_the_lower_index():
 def test_noise_counter_lives_on_the_device_and_advances_per_launch():
     state = kernels.NoiseState()
     y = torch.zeros(4, 8, 6, 6, device=DEVICE)
-    mask = torch.zeros(y.shape, dtype=torch.bool, device=DEVICE)
-    mask[:, :3] = True
+    mask = torch.zeros(y.shape, dtype=torch.int32, device=DEVICE)
+    mask[:, :3] = 1
     z1, z2 = torch.empty_like(y), torch.empty_like(y)
     kernels.nenni_noise(y, mask, z1, seed=11, std=0.5, state=state)
     assert state.counter(y.device).item() == y.numel()  # advanced on the device, by the kernel

@@ -249,10 +249,33 @@ def _check_nodes(
     return problems
 
 
+def _mask_problems(proto: ModelProto) -> list[Problem]:
+    """A layer plugin's mask is INT32 inside TensorRT (plugins exchange no bool tensors), so only the noise
+    plugin, which expects exactly that, may read it; a graph output or a native op would get the wrong type."""
+    readers: dict[str, list[NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in proto.graph.output}
+    problems = []
+    for node in proto.graph.node:
+        spec = plugin_for(node)
+        if spec is None or node.op_type == ops.NOISE or len(node.output) < 2 or not node.output[1]:
+            continue
+        mask = node.output[1]
+        bad = [r for r in readers.get(mask, []) if not (r.op_type == ops.NOISE and plugin_for(r) is not None)]
+        if mask in outputs or bad:
+            who = ", ".join([_label(r) for r in bad] + (["the graph output"] if mask in outputs else []))
+            problems.append(
+                Problem(_label(node), node.op_type, f"its mask {mask!r} is read by {who}; only NenniNoise may read it")
+            )
+    return problems
+
+
 def tensorrt_problems(proto: ModelProto) -> list[Problem]:
     """Every node TensorRT's parser would reject or mis-resolve, with the reason; empty when the graph is ready."""
     functions = {f.name: f for f in proto.functions}
-    return _check_nodes(proto.graph.node, _Graph(proto), functions, "", set())
+    return _check_nodes(proto.graph.node, _Graph(proto), functions, "", set()) + _mask_problems(proto)
 
 
 def check_tensorrt_graph(proto: ModelProto, where: str = "the model") -> None:

@@ -157,7 +157,7 @@ def _group_mask(pred_ptr, mask_ptr, N, L, GROUP, KEEP, ABS: tl.constexpr, BLOCK_
         if ABS:
             sj = tl.abs(sj)
         rank += ((sj > s) | ((sj == s) & (j < c)[:, None])).to(tl.int32)
-    tl.store(mask_ptr + (b * N + c[:, None]) * L + p[None, :], (rank < KEEP).to(tl.uint8), mask=ok)
+    tl.store(mask_ptr + (b * N + c[:, None]) * L + p[None, :], (rank < KEEP).to(mask_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -170,7 +170,7 @@ def _combine(
     ok = i < total
     if MODE == 2:
         m = tl.load(sel_ptr + i // L, mask=ok, other=0) != 0
-        tl.store(mask_ptr + i, m.to(tl.uint8), mask=ok)
+        tl.store(mask_ptr + i, m.to(mask_ptr.dtype.element_ty), mask=ok)
     else:
         pred = tl.load(y_ptr + i, mask=ok, other=0.0)
         if MODE == 1:
@@ -178,7 +178,7 @@ def _combine(
             if ABS:
                 s = tl.abs(pred)
             m = s > threshold
-            tl.store(mask_ptr + i, m.to(tl.uint8), mask=ok)
+            tl.store(mask_ptr + i, m.to(mask_ptr.dtype.element_ty), mask=ok)
         else:
             m = tl.load(mask_ptr + i, mask=ok, other=0) != 0
         exact = tl.load(exact_ptr + i, mask=ok, other=0.0)
@@ -262,8 +262,9 @@ def _conv(x, w, bias, idx, out, plan: LayerPlan, rows: int, out_channels: int, g
 
 
 def nenni_layer(x, w, b, p, wa, ba, y, mask, attrs: LayerAttrs, scratch: Scratch = SCRATCH) -> LayerPlan:
-    """Run one NENNI layer into the given outputs: y (float32, Y's shape) and mask (bool or uint8, same shape).
-    Every tensor is contiguous and on one device; kernels go to the current stream."""
+    """Run one NENNI layer into the given outputs: y (float32, Y's shape) and mask (Y's shape; int32 0/1 inside
+    TensorRT, which has no bool plugin tensors; bool or uint8 also work). Every tensor is contiguous and on one
+    device; kernels go to the current stream."""
     plan = layer_plan(tuple(x.shape), tuple(w.shape), tuple(p.shape), attrs)
     steps = dict(plan.launches())
     dev, L, n = x.device, plan.positions, plan.n

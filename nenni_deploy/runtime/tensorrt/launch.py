@@ -52,9 +52,12 @@ def layer_output_shape(
     return (x_shape[0], w_shape[0], *spatial)
 
 
-# The plugins run in float32 (weights and activations); the mask is TensorRT's 1-byte bool.
-LAYER_TYPES = ("FP32",) * 6 + ("FP32", "BOOL")
-NOISE_TYPES = ("FP32", "BOOL", "FP32")
+# The plugins run in float32 (weights and activations). The mask crosses from a layer plugin to its noise
+# plugin as INT32 0/1: TensorRT plugins cannot take or produce BOOL tensors (PluginTensorDesc: "kBOOL and kUINT8
+# are not supported"), and INT8 would be read as quantized. The ONNX graph still declares the mask bool; the
+# static checker makes sure only NenniNoise nodes read it.
+LAYER_TYPES = ("FP32",) * 6 + ("FP32", "INT32")
+NOISE_TYPES = ("FP32", "INT32", "FP32")
 
 
 def type_combination(op_type: str) -> str:

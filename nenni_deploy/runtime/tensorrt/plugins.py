@@ -2,7 +2,8 @@
 
 `register()` defines, once per process and only when TensorRT imports, for each op of `ops.PLUGIN_SPECS`:
 - `@trtp.register("nenni::<Op>")`: attributes exactly as `nenni export --target tensorrt` writes them, output
-  shapes from `launch.layer_output_shape` over TensorRT's symbolic shapes, float32 outputs and a bool mask;
+  shapes from `launch.layer_output_shape` over TensorRT's symbolic shapes, float32 outputs and an int32 0/1
+  mask (plugins cannot exchange bool tensors; see `launch.LAYER_TYPES`);
 - `@trtp.autotune`: the one type combination the kernels implement (`launch.type_combination`), linear layout;
 - `@trtp.impl`: the Triton kernels of `kernels`, launched on the stream TensorRT gives, through PyTorch views
   of TensorRT's buffers (no copies).
@@ -94,7 +95,7 @@ def _define() -> None:
 
     def layer_outputs(x, w, attrs):
         shape = layer_output_shape(dims(x), dims(w), attrs)
-        return trtp.from_shape_expr(shape, dtype=trt.float32), trtp.from_shape_expr(shape, dtype=trt.bool)
+        return trtp.from_shape_expr(shape, dtype=trt.float32), trtp.from_shape_expr(shape, dtype=trt.int32)
 
     # -- NenniConv ------------------------------------------------------------------------------------------
     @trtp.register(ops.PLUGIN_SPECS[ops.CONV].plugin_id)
