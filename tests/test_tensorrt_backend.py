@@ -325,3 +325,50 @@ def test_engine_matches_onnx_runtime_and_times_batches(cli_exports):
         for graphs in (False, True):
             seconds = runner.time_batches(x, iterations=5, warmup_seconds=0.1, cuda_graph=graphs)
             assert len(seconds) == 5 and all(s > 0 for s in seconds)
+
+
+# -- the plugin definitions, against a recording stand-in for tensorrt.plugin -------------------------------------
+def test_plugin_definitions_follow_the_op_table(monkeypatch):
+    import inspect
+
+    import numpy.typing as npt
+    from _fake_tensorrt import Tensor, TensorDesc, install
+
+    registry = install(monkeypatch)
+    assert set(registry) == set(plugins.PLUGIN_IDS)
+    annotation = {"str": str, "int": int, "float": float, "ints": npt.NDArray[np.int32]}
+    for op_type, spec in ops.PLUGIN_SPECS.items():
+        fns = registry[spec.plugin_id]
+        assert set(fns) == {"register", "autotune", "impl"}
+        params = list(inspect.signature(fns["register"]).parameters.values())
+        inputs, attributes = params[: spec.inputs], params[spec.inputs :]
+        assert all(p.annotation is TensorDesc for p in inputs)  # real types, not strings
+        assert {p.name: p.annotation for p in attributes} == {n: annotation[k] for n, k in spec.attributes.items()}
+        impl = list(inspect.signature(fns["impl"]).parameters.values())
+        assert [p.name for p in impl[-2:]] == ["outputs", "stream"]
+        assert all(p.annotation is Tensor for p in impl[: spec.inputs])
+        assert {p.name for p in impl[spec.inputs : -2]} <= set(spec.attributes)
+        descs = [TensorDesc((2, 3, 8, 8))] * spec.inputs
+        (combination,) = fns["autotune"](*descs, outputs=None)
+        assert combination.types == launch.type_combination(op_type)
+    conv = registry["nenni::NenniConv"]["register"]
+    y, m = conv(
+        TensorDesc((Sym("B"), 3, 12, 12)), TensorDesc((16, 3, 3, 3)), *[TensorDesc((1,))] * 4,
+        granularity="channel", rank="signed", k=4, ratio=0.25, nm=np.array([2, 4], np.int32), threshold=0.0,
+        strides=np.array([2, 2], np.int32), pads=np.array([1, 1, 1, 1], np.int32), dilations=np.array([1, 1], np.int32),
+    )  # fmt: skip
+    assert y.shape_expr[0].text == "B" and y.shape_expr[1:] == [16, 6, 6] and (y.dtype, m.dtype) == ("float32", "int32")
+    linear = registry["nenni::NenniLinear"]["register"]
+    y, m = linear(
+        TensorDesc((Sym("B"), 32)), TensorDesc((10, 32)), *[TensorDesc((1,))] * 4,
+        granularity="nm", rank="magnitude", k=1, ratio=0.5, nm=np.array([2, 4], np.int32), threshold=0.0,
+    )  # fmt: skip
+    assert y.shape_expr[1] == 10 and m.dtype == "int32"
+    noise = registry["nenni::NenniNoise"]["register"]
+    assert noise(TensorDesc((4, 10)), TensorDesc((4, 10)), mode="gaussian", scale=1.0, residual_rms=0.5,
+                 seed=-1.0).shape_expr == [4, 10]  # fmt: skip
+    with pytest.raises(NenniError, match="mode"):
+        noise(TensorDesc((4, 10)), TensorDesc((4, 10)), mode="uniform", scale=1.0, residual_rms=0.5, seed=-1.0)
+    with pytest.raises(NenniError, match="granularity"):
+        linear(TensorDesc((2, 32)), TensorDesc((10, 32)), *[TensorDesc((1,))] * 4, granularity="block",
+               rank="signed", k=1, ratio=0.5, nm=np.array([2, 4], np.int32), threshold=0.0)  # fmt: skip

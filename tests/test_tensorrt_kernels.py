@@ -117,3 +117,45 @@ def test_noise_counter_lives_on_the_device_and_advances_per_launch():
     z3 = torch.empty_like(y)
     kernels.nenni_noise(y, mask, z3, seed=11, std=0.5, state=state)
     torch.testing.assert_close(z3, z1)  # a reset counter replays the stream: reproducible per seed
+
+
+def test_plugin_implementations_run_the_kernels(monkeypatch):
+    """The `@trtp.impl` functions as TensorRT would call them (attributes as plugin fields, outputs preallocated),
+    with CPU tensors standing in for TensorRT's buffers."""
+    import numpy as np
+    from _fake_tensorrt import install
+
+    from nenni_deploy.runtime.tensorrt import plugins
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(plugins, "DEVICE", "cpu")
+    registry = install(monkeypatch)
+    model, _ = tiny_nenni("channel", "gaussian", noise_scale=0.5)
+    x = torch.rand(2, *TINY_SHAPE, generator=torch.Generator().manual_seed(5))
+    inputs = _layer_inputs(model, x)
+    name, layer = next((n, m) for n, m in nenni_layers(model).items() if m.is_conv)
+    a = _attrs(layer)
+    tensors = [
+        inputs[name], layer.exact.folded_weight(), layer.exact.bias, layer.proj, layer.quantized_approx_weight(),
+        layer.approx_bias,
+    ]  # fmt: skip
+    tensors = [t.detach().contiguous().to(DEVICE) for t in tensors]
+    with torch.no_grad():
+        pred = layer.predict(inputs[name])
+        expected_mask = select(pred, layer.spec)
+        expected = torch.where(expected_mask, layer.exact(inputs[name]), pred)
+    y = torch.empty(expected.shape, device=DEVICE)
+    m = torch.empty(expected.shape, dtype=torch.int32, device=DEVICE)
+    registry["nenni::NenniConv"]["impl"](
+        *tensors, granularity=b"channel", rank=layer.spec.rank, k=np.int32(a.k), nm=np.array(a.nm, np.int32),
+        threshold=np.float32(a.threshold), strides=np.array(a.strides, np.int32), pads=np.array(a.pads, np.int32),
+        dilations=np.array(a.dilations, np.int32), outputs=(y, m), stream=0,
+    )  # fmt: skip
+    torch.testing.assert_close(y.cpu(), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.cpu().bool(), expected_mask)
+    z1, z2 = torch.empty_like(y), torch.empty_like(y)
+    noise = registry["nenni::NenniNoise"]["impl"]
+    for z in (z1, z2):  # unseeded (-1): the process seed, and a counter that moves on
+        noise(y, m, scale=np.float32(0.5), residual_rms=np.float32(2.0), seed=np.float32(-1.0), outputs=(z,), stream=0)
+    assert torch.equal(z1[m.bool()], y[m.bool()]) and not torch.equal(z1, z2)
+    assert abs((z1 - y)[~m.bool()].std().item() - 1.0) < 0.15  # std = scale * residual_rms

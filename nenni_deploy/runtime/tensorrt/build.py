@@ -159,9 +159,10 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, options: 
         raise NenniError(format_parser_errors(errors, str(onnx_path)))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    # The plugins share scratch buffers and the noise counter, which is safe only when their launches are
+    # ordered on one stream: no auxiliary streams for parallel branches.
+    config.max_aux_streams = 0
     if options.fp16:
-        if not builder.platform_has_fast_fp16:
-            raise NenniError("--fp16: this GPU has no fast FP16; build without it")
         config.set_flag(trt.BuilderFlag.FP16)  # the NENNI plugins stay in FP32 (their one type combination)
     profile = builder.create_optimization_profile()
     profile.set_shape(spec.name, *shapes)

@@ -209,7 +209,8 @@ def _noise_advance(state_ptr, total):
 # -- driver -----------------------------------------------------------------------------------------------------
 class Scratch:
     """Scratch buffers per (device, name), grown on demand and then reused. The first enqueue (engine build or
-    warm-up) allocates them; later enqueues, including CUDA graph capture, only reuse them."""
+    warm-up) allocates them; later enqueues, including CUDA graph capture, only reuse them. Layers share them,
+    which is safe because their launches are ordered on one stream (`build` turns off auxiliary streams)."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, str], torch.Tensor] = {}

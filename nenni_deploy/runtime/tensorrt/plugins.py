@@ -79,16 +79,30 @@ def reset_noise_state() -> None:
     kernels.NOISE_STATE.reset()
 
 
+# Where the plugin implementations see their tensors: TensorRT's buffers on the GPU. The tests set "cpu" to run
+# the same implementations under Triton's interpreter with CPU tensors standing in for TensorRT's.
+DEVICE = "cuda"
+
+
+def _on_stream(stream: int):
+    """TensorRT's stream as PyTorch's (and so Triton's) current stream for the launches of one enqueue."""
+    import contextlib
+
+    import torch
+
+    if DEVICE == "cpu":
+        return contextlib.nullcontext()
+    return torch.cuda.stream(torch.cuda.ExternalStream(stream))
+
+
 def _define() -> None:
     import tensorrt as trt
     import tensorrt.plugin as trtp
     import torch
 
-    from . import kernels
-
-    def views(stream: int, *tensors):
-        """PyTorch views of TensorRT's device buffers (they expose __cuda_array_interface__)."""
-        return [torch.as_tensor(t, device="cuda") for t in tensors]
+    def views(*tensors):
+        """PyTorch views of TensorRT's device buffers (they expose __cuda_array_interface__): no copies."""
+        return [torch.as_tensor(t, device=DEVICE) for t in tensors]
 
     def dims(desc):
         return [desc.shape_expr[i] for i in range(desc.ndim)]
@@ -149,8 +163,10 @@ def _define() -> None:
             granularity=granularity, rank=rank, k=k, nm=nm, threshold=threshold,
             strides=strides, pads=pads, dilations=dilations,
         )  # fmt: skip
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            tensors = views(stream, x, w, b, p, wa, ba, outputs[0], outputs[1])
+        from . import kernels  # Triton compiles on first use, not at registration
+
+        with _on_stream(stream):
+            tensors = views(x, w, b, p, wa, ba, outputs[0], outputs[1])
             kernels.nenni_layer(*tensors, attrs)
 
     # -- NenniLinear ----------------------------------------------------------------------------------------
@@ -193,8 +209,10 @@ def _define() -> None:
         stream: int,
     ) -> None:
         attrs = LayerAttrs.parse(granularity=granularity, rank=rank, k=k, nm=nm, threshold=threshold)
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            tensors = views(stream, x, w, b, p, wa, ba, outputs[0], outputs[1])
+        from . import kernels  # Triton compiles on first use, not at registration
+
+        with _on_stream(stream):
+            tensors = views(x, w, b, p, wa, ba, outputs[0], outputs[1])
             kernels.nenni_layer(*tensors, attrs)
 
     # -- NenniNoise -----------------------------------------------------------------------------------------
@@ -221,8 +239,10 @@ def _define() -> None:
         stream: int,
     ) -> None:
         key = noise_seed(seed, _PROCESS_SEED)
-        with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            yt, mt, zt = views(stream, y, m, outputs[0])
+        from . import kernels
+
+        with _on_stream(stream):
+            yt, mt, zt = views(y, m, outputs[0])
             kernels.nenni_noise(yt, mt, zt, key, float(scale) * float(residual_rms))
 
 
