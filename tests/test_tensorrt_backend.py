@@ -372,3 +372,20 @@ def test_plugin_definitions_follow_the_op_table(monkeypatch):
     with pytest.raises(NenniError, match="granularity"):
         linear(TensorDesc((2, 32)), TensorDesc((10, 32)), *[TensorDesc((1,))] * 4, granularity="block",
                rank="signed", k=1, ratio=0.5, nm=np.array([2, 4], np.int32), threshold=0.0)  # fmt: skip
+
+
+def test_runner_refuses_clearly_without_an_engine_or_tensorrt(tmp_path):
+    from nenni_deploy.runtime.tensorrt.runner import TensorRTRunner, warmup_iterations
+
+    with pytest.raises(NenniError, match="no such engine file"):
+        TensorRTRunner(tmp_path / "missing.plan")
+    (tmp_path / "m.plan").write_bytes(b"not an engine")
+    runner = TensorRTRunner(tmp_path / "m.plan")
+    with pytest.raises(NenniError, match="activate"):
+        runner.input_specs()
+    with pytest.raises(NenniError, match="activate"):
+        runner.time_batches(np.zeros((1, 1, 8, 8), np.float32), 3, 0.0)
+    if not HAS_TRT:
+        with pytest.raises(NenniError, match=r"pip install -e '\.\[tensorrt\]'"):
+            runner.activate()
+    assert warmup_iterations(0.0, 0, 0.0) and not warmup_iterations(5.0, 1, 2.0) and warmup_iterations(1.0, 3, 2.0)
