@@ -83,6 +83,17 @@ def test_layer_kernels_match_the_reference(granularity):
         torch.testing.assert_close(mask.cpu().bool(), expected_mask, msg=f"{name}: mask")
         torch.testing.assert_close(y.cpu(), expected, atol=1e-4, rtol=1e-4, msg=f"{name}: output")
         ranks.add(layer.spec.rank)
+        if granularity == "channel":  # filters no sample selected are never read: NaN there changes nothing
+            unused = ~expected_mask.flatten(2).any(2).any(0) if expected_mask.dim() > 2 else ~expected_mask.any(0)
+            assert unused.any()
+            poisoned = tensors[0].clone()
+            poisoned[unused.to(DEVICE)] = float("nan")
+            y2 = torch.empty_like(y)
+            kernels.nenni_layer(xin, poisoned, *tensors[1:], y2, mask, _attrs(layer))
+            torch.testing.assert_close(y2, y, msg=f"{name}: a non-essential filter was read")
+            poisoned[~unused.to(DEVICE)] = float("nan")  # and the test can tell: selected filters are read
+            kernels.nenni_layer(xin, poisoned, *tensors[1:], y2, mask, _attrs(layer))
+            assert y2.isnan().any()
     assert ranks == {"signed", "magnitude"}
 
 
