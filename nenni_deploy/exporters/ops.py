@@ -281,27 +281,33 @@ def layer_seed_for_noise(seed: int, index: int) -> int:
 
 
 # -- function bodies --------------------------------------------------------------------------------------------
+# Stages of a layer body. Node names start with their stage, so that an operator profile (ONNX Runtime keeps
+# these names, prefixed by the calling node, when it inlines a function) splits time into the NENNI parts.
+STAGES = ("project", "approximate", "select", "exact", "fill", "noise")
+
+
 class _Body:
-    """Collects the nodes of one function body; every call returns fresh value names."""
+    """Collects the nodes of one function body; every call returns fresh value names and a node name that
+    starts with the current stage (`stage = ...` before each part)."""
 
     def __init__(self) -> None:
         self.nodes: list[NodeProto] = []
         self._count = 0
+        self.stage = "select"
 
     def __call__(self, op_type: str, *inputs: str, outputs: int | Sequence[str] = 1, refs=None, **attrs):
+        self._count += 1
+        # Stage-prefixed value names too: ORT names nodes it creates (NCHWc convolutions) after their outputs.
+        base = f"{self.stage}.{op_type.lower()}_{self._count}"
         if isinstance(outputs, int):
-            names = [self._fresh(op_type) for _ in range(outputs)]
+            names = [base] if outputs == 1 else [f"{base}_{i}" for i in range(outputs)]
         else:
             names = list(outputs)
-        node = helper.make_node(op_type, list(inputs), names, **attrs)
+        node = helper.make_node(op_type, list(inputs), names, name=f"{self.stage}.{op_type}_{self._count}", **attrs)
         for attr_name, (ref, attr_type) in (refs or {}).items():
             node.attribute.append(helper.make_attribute_ref(attr_name, attr_type, ref_attr_name=ref))
         self.nodes.append(node)
         return names[0] if len(names) == 1 else tuple(names)
-
-    def _fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"_{hint.lower()}_{self._count}"
 
     def ints(self, values: Sequence[int]) -> str:
         return self("Constant", value_ints=list(values))
@@ -324,17 +330,19 @@ _GEOMETRY_REFS = {
 
 def _prediction(b: _Body, conv: bool, rank: str) -> tuple[str, str]:
     """(z~, ranking score): z~ = Wa (P x) + Ba, the score z~ or |z~|."""
+    b.stage = "project"
+    u = b("Conv", "X", "P", refs=_GEOMETRY_REFS) if conv else b("Gemm", "X", "P", transB=1)
+    b.stage = "approximate"
     if conv:
-        u = b("Conv", "X", "P", refs=_GEOMETRY_REFS)
-        wa = b("Unsqueeze", "Wa", b.ints([2, 3]))
-        pred = b("Conv", u, wa, "Ba")
+        pred = b("Conv", u, b("Unsqueeze", "Wa", b.ints([2, 3])), "Ba")
     else:
-        u = b("Gemm", "X", "P", transB=1)
         pred = b("Gemm", u, "Wa", "Ba", transB=1)
+    b.stage = "select"
     return pred, (b("Abs", pred) if rank == "magnitude" else pred)
 
 
 def _exact(b: _Body, conv: bool) -> str:
+    b.stage = "exact"
     if conv:
         return b("Conv", "X", "W", "B", refs=_GEOMETRY_REFS)
     return b("Gemm", "X", "W", "B", transB=1)
@@ -380,7 +388,9 @@ def _mask(b: _Body, score: str, granularity: str) -> str:
 def _masked_body(b: _Body, conv: bool, granularity: str, rank: str) -> None:
     pred, score = _prediction(b, conv, rank)
     mask = _mask(b, score, granularity)
-    b("Where", mask, _exact(b, conv), pred, outputs=["Y"])
+    exact = _exact(b, conv)
+    b.stage = "fill"
+    b("Where", mask, exact, pred, outputs=["Y"])
     b("Identity", mask, outputs=["M"])
 
 
@@ -433,11 +443,13 @@ def _im2col(b: _Body) -> tuple[str, str]:
 def _channel_body(b: _Body, conv: bool, rank: str) -> None:
     pred, score = _prediction(b, conv, rank)
     idx, channel_score = _channel_indices(b, score, conv)  # (B, K), (B, n)
+    b.stage = "exact"
     bias = b("Gather", "B", idx, axis=0)  # (B, K)
     if conv:
         cols, length = _im2col(b)  # (B, d, L)
         rows = b("Gather", b("Reshape", "W", b.ints([0, -1])), idx, axis=0)  # (B, K, d)
         exact = b("Add", b("MatMul", rows, cols), b("Unsqueeze", bias, b.ints([2])))  # (B, K, L)
+        b.stage = "fill"
         pred_shape = b("Shape", pred)
         flat_pred = b("Reshape", pred, b.ints([0, 0, -1]))  # (B, n, L)
         index = b("Expand", b("Unsqueeze", idx, b.ints([2])), b("Shape", exact))
@@ -448,6 +460,7 @@ def _channel_body(b: _Body, conv: bool, rank: str) -> None:
     else:
         rows = b("Gather", "W", idx, axis=0)  # (B, K, d)
         exact = b("Squeeze", b("MatMul", rows, b("Unsqueeze", "X", b.ints([2]))), b.ints([2]))
+        b.stage = "fill"
         b("ScatterElements", pred, idx, b("Add", exact, bias), axis=1, outputs=["Y"])
         b("Identity", _scatter_mask(b, channel_score, idx, axis=1), outputs=["M"])
 
@@ -482,6 +495,7 @@ def layer_function(op_type: str, granularity: str, rank: str, opset: int) -> Fun
 
 def noise_function(opset: int) -> FunctionProto:
     b = _Body()
+    b.stage = "noise"
     # scale=1 always: RandomNormalLike with scale 0 aborts ONNX Runtime; the std multiplies afterwards.
     draw = b("RandomNormalLike", "Y", mean=0.0, scale=1.0, refs={"seed": ("seed", AttributeProto.FLOAT)})
     std = b("Mul", b.ref("scale", "float"), b.ref("residual_rms", "float"))
