@@ -223,13 +223,28 @@ def _infer_same(ctx) -> None:
 
 
 # -- node attributes --------------------------------------------------------------------------------------------
-def overload_name(granularity: str, rank: str) -> str:
-    """Which function body implements a layer node: one per (granularity, rank)."""
+def overload_name(granularity: str, rank: str, kernel: Sequence[int] | None = None) -> str:
+    """Which function body implements a layer node: one per (granularity, rank), and for channel convolutions
+    whose kernel size is known, one per kernel size (`channel_signed_k3x3`): that body cuts its patches with
+    one strided Slice per kernel tap instead of a Gather over computed offsets, several times faster in ORT."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}")
     if rank not in RANKS:
         raise ValueError(f"unknown rank {rank!r}")
+    if kernel is not None and granularity == "channel":
+        kh, kw = (int(v) for v in kernel)
+        if kh < 1 or kw < 1:
+            raise ValueError(f"kernel must be positive, got {list(kernel)}")
+        return f"{granularity}_{rank}_k{kh}x{kw}"
     return f"{granularity}_{rank}"
+
+
+def kernel_of_overload(overload: str) -> tuple[int, int] | None:
+    tail = overload.rsplit("_", 1)[-1]
+    if tail.startswith("k") and "x" in tail:
+        kh, kw = tail[1:].split("x")
+        return int(kh), int(kw)
+    return None
 
 
 def layer_attributes(
@@ -440,14 +455,49 @@ def _im2col(b: _Body) -> tuple[str, str]:
     return b("Reshape", patches, b("Concat", b.ints([0, -1]), length, axis=0)), length
 
 
-def _channel_body(b: _Body, conv: bool, rank: str) -> None:
+_BIG = 2**62  # a Slice end meaning "to the end"
+
+
+def _tap_columns(b: _Body, kernel: tuple[int, int]) -> tuple[str, str]:
+    """Patches of X as (B, kh * kw * C_in, L), tap-major, and W's rows flattened in the same order.
+
+    One strided Slice of the padded input per kernel tap. The end of each slice counts back from the end
+    of the axis, so its length is the convolution's output size whatever the input size, and every index
+    comes from attributes and constants: ONNX Runtime folds them all at load time.
+    """
+    kh, kw = kernel
+    pads, strides, dilations = b.ref("pads", "ints"), b.ref("strides", "ints"), b.ref("dilations", "ints")
+    padded = b("Pad", "X", pads, b("Constant", value_float=0.0), b.ints([2, 3]))
+    axes = b.ints([2, 3])
+    taps = []
+    for ty in range(kh):
+        for tx in range(kw):
+            start = b("Mul", dilations, b.ints([ty, tx]))
+            back = b("Mul", dilations, b.ints([ty - (kh - 1), tx - (kw - 1)]))  # <= 0; 0 on the last tap
+            end = b("Add", back, b.ints([_BIG if ty == kh - 1 else 0, _BIG if tx == kw - 1 else 0]))
+            taps.append(b("Slice", padded, start, end, axes, strides))
+    cols = b("Concat", *taps, axis=1) if len(taps) > 1 else taps[0]  # (B, kh * kw * C_in, H_out, W_out)
+    cols = b("Reshape", cols, b.ints([0, 0, -1]))
+    rows = b("Reshape", b("Transpose", "W", perm=[0, 2, 3, 1]), b.ints([0, -1]))  # (n, kh * kw * C_in)
+    return cols, rows
+
+
+def _channel_body(b: _Body, conv: bool, rank: str, kernel: tuple[int, int] | None = None) -> None:
     pred, score = _prediction(b, conv, rank)
-    idx, channel_score = _channel_indices(b, score, conv)  # (B, K), (B, n)
+    if kernel is not None:  # the set of channels is what matters: no re-sort of the indices
+        channel_score = b("ReduceMean", score, b.ints([2, 3]), keepdims=0)
+        _, idx = b("TopK", channel_score, _k(b), outputs=2, axis=1, largest=1, sorted=0)
+    else:
+        idx, channel_score = _channel_indices(b, score, conv)  # (B, K), (B, n)
     b.stage = "exact"
     bias = b("Gather", "B", idx, axis=0)  # (B, K)
     if conv:
-        cols, length = _im2col(b)  # (B, d, L)
-        rows = b("Gather", b("Reshape", "W", b.ints([0, -1])), idx, axis=0)  # (B, K, d)
+        if kernel is not None:
+            cols, weight_rows = _tap_columns(b, kernel)
+        else:
+            cols, _ = _im2col(b)  # (B, d, L)
+            weight_rows = b("Reshape", "W", b.ints([0, -1]))
+        rows = b("Gather", weight_rows, idx, axis=0)  # (B, K, d)
         exact = b("Add", b("MatMul", rows, cols), b("Unsqueeze", bias, b.ints([2])))  # (B, K, L)
         b.stage = "fill"
         pred_shape = b("Shape", pred)
@@ -470,14 +520,17 @@ def _layer_attribute_names(conv: bool, granularity: str) -> list[str]:
     return names + (["strides", "pads", "dilations"] if conv else [])
 
 
-def layer_function(op_type: str, granularity: str, rank: str, opset: int) -> FunctionProto:
-    """The model-local function implementing `op_type` for one (granularity, rank) overload."""
+def layer_function(
+    op_type: str, granularity: str, rank: str, opset: int, kernel: Sequence[int] | None = None
+) -> FunctionProto:
+    """The model-local function implementing `op_type` for one overload (see `overload_name`)."""
     if op_type not in LAYER_OPS:
         raise ValueError(f"{op_type!r} is not a NENNI layer op")
     conv = op_type == CONV
+    kernel = tuple(int(v) for v in kernel) if kernel is not None and conv and granularity == "channel" else None
     b = _Body()
     if granularity == "channel":
-        _channel_body(b, conv, rank)
+        _channel_body(b, conv, rank, kernel)
     else:
         _masked_body(b, conv, granularity, rank)
     return helper.make_function(
@@ -489,7 +542,7 @@ def layer_function(op_type: str, granularity: str, rank: str, opset: int) -> Fun
         [helper.make_opsetid("", opset)],
         attributes=_layer_attribute_names(conv, granularity),
         doc_string=f"{op_type} ({granularity}, {rank} ranking) in standard ONNX ops",
-        overload=overload_name(granularity, rank),
+        overload=overload_name(granularity, rank, kernel),
     )
 
 
@@ -519,7 +572,7 @@ def function_for_node(node: NodeProto, opset: int) -> FunctionProto:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     granularity = _text(attrs.get("granularity"))
     rank = _text(attrs.get("rank", b"signed"))
-    return layer_function(node.op_type, granularity, rank, opset)
+    return layer_function(node.op_type, granularity, rank, opset, kernel_of_overload(node.overload))
 
 
 def _text(value) -> str:
