@@ -72,8 +72,9 @@ def test_parity_and_hygiene_for_every_granularity(granularity):
     assert {n.name for n in layers} == set(nenni_layers(model))  # named after the PyTorch modules
     used = {(n.op_type, n.overload) for n in layers}
     assert used == {(f.name, f.overload) for f in proto.functions}  # exactly the bodies it calls
-    assert {o for _, o in used} >= {f"{granularity}_signed"}
-    assert f"{granularity}_magnitude" in {o for _, o in used}  # the block's conv2 feeds the residual add
+    conv = "_k3x3" if granularity == "channel" else ""  # channel convolutions get the kernel-specific body
+    assert (ops.LINEAR, f"{granularity}_signed") in used
+    assert (ops.CONV, f"{granularity}_magnitude{conv}") in used  # the block's conv2 feeds the residual add
     y = run(proto, X)
     expected = torch_logits(model)
     np.testing.assert_allclose(y, expected, atol=1e-4, rtol=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import time
 import warnings
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import NenniError
+from ..nenni.cost import cost_report
 from ..nenni.layers import NenniLayer, ScaledConv2d, ScaledLinear, nenni_layers
 from . import graph, ops, tensorrt_check
 from . import torch_ops as _torch_ops  # noqa: F401  (registers the custom ops)
@@ -193,12 +195,23 @@ def build_onnx(
     graph.name_nenni_nodes(proto)
     graph.shape_for_target(proto, options.target, options.opset)
     graph.document_io(proto, input_shape)
-    graph.set_metadata(proto, graph.metadata_for(card, options, proto))
+    metadata = graph.metadata_for(card, options, proto)
+    metadata["nenni.cost"] = json.dumps(_cost_totals(model, input_shape, dense=options.dense), sort_keys=True)
+    graph.set_metadata(proto, metadata)
     graph.check(proto)
     if options.target == "tensorrt":
         tensorrt_check.check_tensorrt_graph(proto, "the TensorRT-target export")
     seconds = time.perf_counter() - start
     return ExportedModel(proto, seconds, graph.node_counts(proto))
+
+
+def _cost_totals(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> dict[str, float]:
+    """Per-image MACs and BitOPs of what the file computes, for `nenni bench`'s ideal speedups."""
+    t = cost_report(model, tuple(input_shape))["totals"]
+    if dense:  # a dense export computes every layer exactly
+        t.update(macs_nenni=t["macs_dense"], bitops_nenni=t["bitops_dense"], mac_reduction=0.0, bitops_reduction=0.0)
+        t.update(mac_ideal_speedup=1.0, bitops_ideal_speedup=1.0)
+    return {k: float(v) for k, v in t.items()}
 
 
 @dataclass

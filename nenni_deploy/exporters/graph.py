@@ -95,8 +95,15 @@ def _attr(node: NodeProto, name: str, default=None):
     return default
 
 
-def layer_overload(node: NodeProto) -> str:
-    return ops.overload_name(_attr(node, "granularity"), _attr(node, "rank", "signed"))
+def layer_overload(node: NodeProto, proto: ModelProto | None = None) -> str:
+    """The node's function overload; channel convolutions get the kernel-specific body when the weight is an
+    initializer of known shape."""
+    kernel = None
+    if proto is not None and node.op_type == ops.CONV:
+        weight = next((t for t in proto.graph.initializer if t.name == node.input[1]), None)
+        if weight is not None and len(weight.dims) == 4:
+            kernel = tuple(weight.dims[2:])
+    return ops.overload_name(_attr(node, "granularity"), _attr(node, "rank", "signed"), kernel)
 
 
 def model_opset(proto: ModelProto) -> int:
@@ -110,7 +117,7 @@ def attach_functions(proto: ModelProto) -> None:
         _remove_attrs(node, ops.PLUGIN_ATTRIBUTES)
         if node.op_type == ops.NOISE and _attr(node, "seed", 0.0) < 0:
             _remove_attrs(node, ("seed",))  # the TensorRT form's "unseeded" marker; ORT seeds itself without one
-        node.overload = layer_overload(node) if node.op_type in ops.LAYER_OPS else ""
+        node.overload = layer_overload(node, proto) if node.op_type in ops.LAYER_OPS else ""
     _drop_nenni_functions(proto)
     seen: dict[tuple[str, str], NodeProto] = {}
     for node in nenni_nodes(proto):
