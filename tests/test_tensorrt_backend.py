@@ -230,6 +230,19 @@ def test_parser_errors_become_one_line_naming_the_nodes():
     assert line.endswith("(and 3 more)")
 
 
+def test_plan_metadata_sidecar(tmp_path):
+    from nenni_deploy.runtime.tensorrt.runner import TensorRTRunner
+
+    plan = tmp_path / "m.plan"
+    build.write_plan_atomic(b"engine", plan)
+    result = build.BuildResult(plan, 6, 1.0, "images", ((1, 1, 8, 8),) * 3, build.BuildOptions(), "10.x")
+    build.write_plan_metadata(plan, {"nenni.cost": '{"macs": 1}'}, result)
+    meta = build.read_plan_metadata(plan)
+    assert meta["format"] == "nenni-plan" and meta["build"]["profile"] == [[1, 1, 8, 8]] * 3
+    assert TensorRTRunner(plan).metadata == {"nenni.cost": '{"macs": 1}'}
+    assert build.read_plan_metadata(tmp_path / "other.plan") == {}
+
+
 def test_plan_is_written_atomically(tmp_path, monkeypatch):
     out = tmp_path / "sub" / "m.plan"
     assert build.write_plan_atomic(b"engine", out) == 6 and out.read_bytes() == b"engine"

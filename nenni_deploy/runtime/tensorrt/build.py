@@ -171,7 +171,7 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, options: 
     if serialized is None:
         raise NenniError(f"TensorRT could not build an engine from {onnx_path} (see the messages above)")
     size = write_plan_atomic(memoryview(serialized), Path(out))
-    return BuildResult(
+    result = BuildResult(
         out=Path(out),
         bytes=size,
         seconds=time.perf_counter() - start,
@@ -180,6 +180,28 @@ def build_engine(onnx_path: str | os.PathLike, out: str | os.PathLike, options: 
         options=options,
         tensorrt_version=str(trt.__version__),
     )
+    write_plan_metadata(Path(out), model.metadata, result)
+    return result
+
+
+def metadata_path(plan: Path) -> Path:
+    return Path(str(plan) + ".json")
+
+
+def write_plan_metadata(plan: Path, onnx_metadata: dict[str, str], result: BuildResult) -> None:
+    """`<plan>.json` beside the engine: the ONNX model's metadata (NENNI config, costs, weight hashes), which an
+    engine file cannot carry, and how the engine was built. Benchmarks read costs and provenance from it."""
+    payload = {"format": "nenni-plan", "onnx_metadata": dict(onnx_metadata), "build": result.to_dict()}
+    write_plan_atomic(json.dumps(payload, indent=2, sort_keys=True).encode(), metadata_path(plan))
+
+
+def read_plan_metadata(plan: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar written by `nenni build`, or {} when it is missing or unreadable."""
+    try:
+        data = json.loads(metadata_path(Path(plan)).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def describe(result: BuildResult) -> str:

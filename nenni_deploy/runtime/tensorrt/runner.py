@@ -75,6 +75,13 @@ class TensorRTRunner(Runner):
     def output_names(self) -> list[str]:
         return list(self._outputs)
 
+    @property
+    def metadata(self) -> dict[str, str]:
+        """The exported ONNX model's metadata (e.g. `nenni.cost`), from the `<plan>.json` `nenni build` writes."""
+        from .build import read_plan_metadata
+
+        return dict(read_plan_metadata(self.path).get("onnx_metadata", {}))
+
     def _activate(self) -> None:
         import torch
 
