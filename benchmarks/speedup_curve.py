@@ -6,7 +6,8 @@ Usage:
 
 For every ratio: `nenni calibrate` (channel granularity), `nenni export`, and `nenni bench` against the dense
 export of the same weights, interleaved in one run. Writes each step's JSON, `curve.md` (table) and
-`curve.png`. Resumable: a step whose JSON exists is not run again. Time nothing else while it runs.
+`curve.png` (suffixed with the lowering). Resumable: a step whose JSON exists is not run again.
+Time nothing else while it runs.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--duration", default="4")
     ap.add_argument("--threads", default="2")
+    ap.add_argument(
+        "--lowering", default="skip", choices=["skip", "masked", "auto"], help="nenni export --channel-lowering"
+    )
+    ap.add_argument("--tune-batch", default="64")
     ap.add_argument("--out", type=Path, default=Path("runs/curve"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -70,8 +75,8 @@ def main() -> None:
     dense_onnx = args.out / f"{args.arch}-dense.onnx"
     for ratio in ratios:
         tag = f"{args.arch}-channel-{ratio:g}"
-        model_dir, onnx_path = args.out / tag, args.out / f"{tag}.onnx"
-        cal_json, bench_json = args.out / f"{tag}.calibrate.json", args.out / f"{tag}.bench.json"
+        model_dir, onnx_path = args.out / tag, args.out / f"{tag}-{args.lowering}.onnx"
+        cal_json, bench_json = args.out / f"{tag}.calibrate.json", args.out / f"{tag}-{args.lowering}.bench.json"
         eval_n = ["--eval-n", str(args.eval_n)] if args.eval_n else ["--eval-n", "1"]
         if not cal_json.exists():
             nenni(
@@ -99,7 +104,22 @@ def main() -> None:
                 str(cal_json),
             )
         if not onnx_path.exists():
-            nenni("export", str(model_dir), "--out", str(onnx_path), "--check-n", "32", "--data-dir", data_dir)
+            nenni(
+                "export",
+                str(model_dir),
+                "--out",
+                str(onnx_path),
+                "--check-n",
+                "32",
+                "--data-dir",
+                data_dir,
+                "--channel-lowering",
+                args.lowering,
+                "--tune-batch",
+                args.tune_batch,
+                "--tune-threads",
+                args.threads,
+            )
         if not dense_onnx.exists():
             nenni(
                 "export", str(model_dir), "--dense", "--out", str(dense_onnx), "--check-n", "32", "--data-dir", data_dir
@@ -158,7 +178,7 @@ def write_table(rows: list[dict], args) -> None:
             lo, hi = r[f"ci_b{b}"]
             cells += [f"{r[f'speedup_b{b}']:.3f} ({lo:.3f}-{hi:.3f})", f"{r[f'load_b{b}']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    (args.out / "curve.md").write_text("\n".join(lines) + "\n")
+    (args.out / f"curve-{args.lowering}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -193,9 +213,9 @@ def plot(rows: list[dict], args) -> None:
         ax2.set_ylabel("accuracy % (calibration only)")
         ax2.legend(loc="lower right", fontsize=8)
     ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(f"{args.arch}: essential ratio vs speedup")
+    ax.set_title(f"{args.arch}: essential ratio vs speedup ({args.lowering} lowering)")
     fig.tight_layout()
-    fig.savefig(args.out / "curve.png", dpi=120)
+    fig.savefig(args.out / f"curve-{args.lowering}.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -266,3 +266,23 @@ def test_layer_attributes_are_validated():
         ops.layer_attributes(**{**base, "k": 0})
     with pytest.raises(ValueError, match="nm"):
         ops.layer_attributes(**{**base, "nm": (4, 4)})
+
+
+@pytest.mark.parametrize(("kind", "granularity", "rank", "geometry"), [c for c in CASES if c[1] == "channel"])
+def test_masked_channel_body_matches_the_pytorch_layer(kind, granularity, rank, geometry):
+    """The masked lowering (dense exact layer, then select) gives the skipping body's outputs and mask."""
+    layer = make_layer(kind, granularity, rank, **geometry)
+    model = layer_model(layer)
+    node = model.graph.node[0]
+    node.overload = ops.overload_name(granularity, rank, lowering="masked")
+    del model.functions[:]
+    model.functions.append(ops.function_for_node(node, OPSET))
+    body = model.functions[0]
+    assert body.overload.endswith("_masked")
+    assert any(n.op_type in ("Conv", "Gemm") and "W" in n.input for n in body.node)  # dense exact layer
+    onnx.checker.check_model(model, full_check=True)
+    x = torch.randn(5, 6, 9, 11) if kind == "conv" else torch.randn(5, 6)
+    y, mask = session(model).run(None, {"X": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_array_equal(mask, select(layer.predict(x), layer.spec).numpy())
+        np.testing.assert_allclose(y, layer(x).numpy(), atol=2e-5, rtol=1e-5)

@@ -229,20 +229,34 @@ def _infer_same(ctx) -> None:
 
 
 # -- node attributes --------------------------------------------------------------------------------------------
-def overload_name(granularity: str, rank: str, kernel: Sequence[int] | None = None) -> str:
+CHANNEL_LOWERINGS = ("skip", "masked")
+
+
+def overload_name(granularity: str, rank: str, kernel: Sequence[int] | None = None, lowering: str = "skip") -> str:
     """Which function body implements a layer node: one per (granularity, rank), and for channel convolutions
     whose kernel size is known, one per kernel size (`channel_signed_k3x3`): that body cuts its patches with
-    one strided Slice per kernel tap instead of a Gather over computed offsets, several times faster in ORT."""
+    one strided Slice per kernel tap instead of a Gather over computed offsets, several times faster in ORT.
+    `lowering="masked"` picks the channel body that computes the exact layer densely (a prepacked convolution)
+    and selects: the same outputs, no skipping, faster in ORT on CPU where explicit patches cost more than the
+    whole dense convolution."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}")
     if rank not in RANKS:
         raise ValueError(f"unknown rank {rank!r}")
+    if lowering not in CHANNEL_LOWERINGS:
+        raise ValueError(f"unknown channel lowering {lowering!r}")
+    if lowering == "masked" and granularity == "channel":
+        return f"{granularity}_{rank}_masked"
     if kernel is not None and granularity == "channel":
         kh, kw = (int(v) for v in kernel)
         if kh < 1 or kw < 1:
             raise ValueError(f"kernel must be positive, got {list(kernel)}")
         return f"{granularity}_{rank}_k{kh}x{kw}"
     return f"{granularity}_{rank}"
+
+
+def lowering_of_overload(overload: str) -> str:
+    return "masked" if overload.endswith("_masked") else "skip"
 
 
 def kernel_of_overload(overload: str) -> tuple[int, int] | None:
@@ -419,7 +433,12 @@ def _k(b: _Body) -> str:
     return b("Unsqueeze", b.ref("k", "int"), b.ints([0]))
 
 
-def _mask(b: _Body, score: str, granularity: str) -> str:
+def _mask(b: _Body, score: str, granularity: str, conv: bool = False) -> str:
+    if granularity == "channel":
+        channel_score = b("ReduceMean", score, b.ints([2, 3]), keepdims=0) if conv else score
+        _, idx = b("TopK", channel_score, _k(b), outputs=2, axis=1, largest=1, sorted=0)
+        mask = _scatter_mask(b, channel_score, idx, axis=1)  # (B, n)
+        return b("Expand", b("Unsqueeze", mask, b.ints([2, 3])), b("Shape", score)) if conv else mask
     if granularity == "element":
         _, idx = b("TopK", score, _k(b), outputs=2, axis=1, largest=1, sorted=1)
         return _scatter_mask(b, score, idx, axis=1)
@@ -439,7 +458,7 @@ def _mask(b: _Body, score: str, granularity: str) -> str:
 
 def _masked_body(b: _Body, conv: bool, granularity: str, rank: str) -> None:
     pred, score = _prediction(b, conv, rank)
-    mask = _mask(b, score, granularity)
+    mask = _mask(b, score, granularity, conv)
     exact = _exact(b, conv)
     b.stage = "fill"
     b("Where", mask, exact, pred, outputs=["Y"])
@@ -495,8 +514,8 @@ def _im2col(b: _Body) -> tuple[str, str]:
 _BIG = 2**62  # a Slice end meaning "to the end"
 
 
-def _tap_columns(b: _Body, kernel: tuple[int, int]) -> tuple[str, str]:
-    """Patches of X as (B, kh * kw * C_in, L), tap-major, and W's rows flattened in the same order.
+def _tap_columns(b: _Body, kernel: tuple[int, int]) -> str:
+    """Patches of X as (B, kh * kw * C_in, H_out, W_out), tap-major.
 
     One strided Slice of the padded input per kernel tap. The end of each slice counts back from the end
     of the axis, so its length is the convolution's output size whatever the input size, and every index
@@ -513,28 +532,64 @@ def _tap_columns(b: _Body, kernel: tuple[int, int]) -> tuple[str, str]:
             back = b("Mul", dilations, b.ints([ty - (kh - 1), tx - (kw - 1)]))  # <= 0; 0 on the last tap
             end = b("Add", back, b.ints([_BIG if ty == kh - 1 else 0, _BIG if tx == kw - 1 else 0]))
             taps.append(b("Slice", padded, start, end, axes, strides))
-    cols = b("Concat", *taps, axis=1) if len(taps) > 1 else taps[0]  # (B, kh * kw * C_in, H_out, W_out)
-    cols = b("Reshape", cols, b.ints([0, 0, -1]))
-    rows = b("Reshape", b("Transpose", "W", perm=[0, 2, 3, 1]), b.ints([0, -1]))  # (n, kh * kw * C_in)
-    return cols, rows
+    return b("Concat", *taps, axis=1) if len(taps) > 1 else taps[0]
 
 
-def _channel_body(b: _Body, conv: bool, rank: str, kernel: tuple[int, int] | None = None) -> None:
+def _tap_rows(b: _Body, weight: str) -> str:
+    """A (rows, C_in, kh, kw) filter bank as (rows, kh * kw * C_in), in `_tap_columns`' order."""
+    return b("Reshape", b("Transpose", weight, perm=[0, 2, 3, 1]), b.ints([0, -1]))
+
+
+def _channel_conv_body(b: _Body, rank: str, kernel: tuple[int, int]) -> None:
+    """Channel convolution around one set of patches, shared by the projection and the exact path.
+
+    Patches (B, d, L) are cut once; the projection is P (k, d) times them, the prediction Wa u + Ba, the
+    channel scores its spatial mean; the K selected filters of each sample are gathered and multiplied with
+    the same patches; their outputs are scattered into the prediction. Dense convolutions with few output
+    channels (the projection: k = 2-8 here) cost ORT about as much as the full layer, which a shared
+    im2col avoids.
+    """
+    b.stage = "project"
+    patches = _tap_columns(b, kernel)  # (B, d, H_out, W_out)
+    out_shape = b("Shape", patches)
+    cols = b("Reshape", patches, b.ints([0, 0, -1]))  # (B, d, L)
+    u = b("MatMul", _tap_rows(b, "P"), cols)  # (B, k, L)
+    b.stage = "approximate"
+    pred = b("Add", b("MatMul", "Wa", u), b("Unsqueeze", "Ba", b.ints([1])))  # (B, n, L)
+    b.stage = "select"
+    score = b("Abs", pred) if rank == "magnitude" else pred
+    channel_score = b("ReduceMean", score, b.ints([2]), keepdims=0)  # (B, n)
+    # The set of channels is what matters, not their order: no sorting.
+    _, idx = b("TopK", channel_score, _k(b), outputs=2, axis=1, largest=1, sorted=0)
+    b.stage = "exact"
+    rows = b("Gather", _tap_rows(b, "W"), idx, axis=0)  # (B, K, d)
+    bias = b("Unsqueeze", b("Gather", "B", idx, axis=0), b.ints([2]))
+    exact = b("Add", b("MatMul", rows, cols), bias)  # (B, K, L)
+    b.stage = "fill"
+    index = b("Expand", b("Unsqueeze", idx, b.ints([2])), b("Shape", exact))
+    filled = b("ScatterElements", pred, index, exact, axis=1)
+    n = b("Shape", "W", start=0, end=1)
+    y_shape = b(
+        "Concat",
+        b("Slice", out_shape, b.ints([0]), b.ints([1])),
+        n,
+        b("Slice", out_shape, b.ints([2]), b.ints([4])),
+        axis=0,
+    )
+    b("Reshape", filled, y_shape, outputs=["Y"])
+    channel_mask = _scatter_mask(b, channel_score, idx, axis=1)
+    b("Expand", b("Unsqueeze", channel_mask, b.ints([2, 3])), y_shape, outputs=["M"])
+
+
+def _channel_body(b: _Body, conv: bool, rank: str) -> None:
+    """Channel granularity for any layer: im2col by Gather over computed offsets (any kernel, any shape)."""
     pred, score = _prediction(b, conv, rank)
-    if kernel is not None:  # the set of channels is what matters: no re-sort of the indices
-        channel_score = b("ReduceMean", score, b.ints([2, 3]), keepdims=0)
-        _, idx = b("TopK", channel_score, _k(b), outputs=2, axis=1, largest=1, sorted=0)
-    else:
-        idx, channel_score = _channel_indices(b, score, conv)  # (B, K), (B, n)
+    idx, channel_score = _channel_indices(b, score, conv)  # (B, K), (B, n)
     b.stage = "exact"
     bias = b("Gather", "B", idx, axis=0)  # (B, K)
     if conv:
-        if kernel is not None:
-            cols, weight_rows = _tap_columns(b, kernel)
-        else:
-            cols, _ = _im2col(b)  # (B, d, L)
-            weight_rows = b("Reshape", "W", b.ints([0, -1]))
-        rows = b("Gather", weight_rows, idx, axis=0)  # (B, K, d)
+        cols, _ = _im2col(b)  # (B, d, L)
+        rows = b("Gather", b("Reshape", "W", b.ints([0, -1])), idx, axis=0)  # (B, K, d)
         exact = b("Add", b("MatMul", rows, cols), b("Unsqueeze", bias, b.ints([2])))  # (B, K, L)
         b.stage = "fill"
         pred_shape = b("Shape", pred)
@@ -558,16 +613,27 @@ def _layer_attribute_names(conv: bool, granularity: str) -> list[str]:
 
 
 def layer_function(
-    op_type: str, granularity: str, rank: str, opset: int, kernel: Sequence[int] | None = None
+    op_type: str,
+    granularity: str,
+    rank: str,
+    opset: int,
+    kernel: Sequence[int] | None = None,
+    lowering: str = "skip",
 ) -> FunctionProto:
     """The model-local function implementing `op_type` for one overload (see `overload_name`)."""
     if op_type not in LAYER_OPS:
         raise ValueError(f"{op_type!r} is not a NENNI layer op")
     conv = op_type == CONV
     kernel = tuple(int(v) for v in kernel) if kernel is not None and conv and granularity == "channel" else None
+    lowering = lowering if granularity == "channel" else "skip"
     b = _Body()
-    if granularity == "channel":
-        _channel_body(b, conv, rank, kernel)
+    if granularity == "channel" and lowering == "masked":
+        _masked_body(b, conv, granularity, rank)
+        kernel = None
+    elif granularity == "channel" and kernel is not None:
+        _channel_conv_body(b, rank, kernel)
+    elif granularity == "channel":
+        _channel_body(b, conv, rank)
     else:
         _masked_body(b, conv, granularity, rank)
     return helper.make_function(
@@ -579,7 +645,7 @@ def layer_function(
         [helper.make_opsetid("", opset)],
         attributes=_layer_attribute_names(conv, granularity),
         doc_string=f"{op_type} ({granularity}, {rank} ranking) in standard ONNX ops",
-        overload=overload_name(granularity, rank, kernel),
+        overload=overload_name(granularity, rank, kernel, lowering),
     )
 
 
@@ -609,7 +675,10 @@ def function_for_node(node: NodeProto, opset: int) -> FunctionProto:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     granularity = _text(attrs.get("granularity"))
     rank = _text(attrs.get("rank", b"signed"))
-    return layer_function(node.op_type, granularity, rank, opset, kernel_of_overload(node.overload))
+    overload = node.overload
+    return layer_function(
+        node.op_type, granularity, rank, opset, kernel_of_overload(overload), lowering_of_overload(overload)
+    )
 
 
 def _text(value) -> str:
