@@ -130,12 +130,15 @@ def _cli(*args):
 def test_bad_input_gives_one_line_errors(models, tmp_path):
     foreign = tmp_path / "foreign.onnx"
     foreign.write_bytes(b"not a model")
+    plan = tmp_path / "engine.plan"
+    plan.write_bytes(b"not an engine either")  # refused for want of TensorRT here; by TensorRT on a GPU machine
     cases = [
         ((tmp_path / "missing.onnx",), "missing.onnx"),
         ((foreign,), "foreign.onnx"),
         ((models[0], "--iterations", 3, "--rounds", 5), "--iterations"),
         ((models[0], "--iterations", 4, "--duration", 1), "not both"),
         ((tmp_path / "model.plan",), "TensorRT"),
+        ((plan,), "tensorrt"),
     ]
     for args, words in cases:
         result = _cli(*args)

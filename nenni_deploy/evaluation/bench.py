@@ -73,18 +73,20 @@ class Subject:
 
     label: str
     path: Path
-    loaded: LoadedModel
+    loaded: LoadedModel | None  # None for a TensorRT engine
     sha256: str
     cost: dict[str, float] = field(default_factory=dict)
+    plan: Any = None  # an active TensorRTRunner for a .plan
+
+    @property
+    def is_plan(self) -> bool:
+        return self.plan is not None
 
     @classmethod
     def load(cls, label: str, path: str | os.PathLike) -> Subject:
         path = Path(path)
         if path.suffix == ".plan":
-            raise NenniError(
-                f"{path}: TensorRT engines are benchmarked with the TensorRT runner (pip install "
-                "'nenni-deploy[tensorrt]' on a machine with an NVIDIA GPU)"
-            )
+            return cls._load_plan(label, path)
         loaded = load_onnx_checked(path)
         if len(loaded.inputs) != 1:
             raise NenniError(
@@ -96,8 +98,35 @@ class Subject:
             cost = {}
         return cls(label, path, loaded, _file_sha256(path), cost if isinstance(cost, dict) else {})
 
+    @classmethod
+    def _load_plan(cls, label: str, path: Path) -> Subject:
+        """A TensorRT engine built by `nenni build`: timed with CUDA events by TensorRTRunner (GPU machines)."""
+        if not path.is_file():
+            raise NenniError(f"{path}: no such TensorRT engine file")
+        try:
+            from ..runtime.tensorrt.runner import TensorRTRunner
+
+            runner = TensorRTRunner(path)
+            runner.activate()
+        except ImportError:
+            raise NenniError(
+                f"{path}: TensorRT engines need TensorRT and a CUDA GPU (pip install -e '.[tensorrt]')"
+            ) from None
+        if len(runner.input_specs()) != 1:
+            raise NenniError(f"{path}: nenni bench needs an engine with one image input")
+        metadata = runner.metadata
+        try:
+            cost = json.loads(metadata.get("nenni.cost", "{}"))
+        except json.JSONDecodeError:
+            cost = {}
+        return cls(label, path, None, _file_sha256(path), cost if isinstance(cost, dict) else {}, plan=runner)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.plan.metadata if self.is_plan else self.loaded.metadata
+
     def input_shape(self, batch: int) -> tuple[int, ...]:
-        spec = self.loaded.inputs[0]
+        spec = self.plan.input_specs()[0] if self.is_plan else self.loaded.inputs[0]
         dims = list(spec.shape)
         if not dims:
             raise NenniError(f"{self.path}: its input has no declared shape")
@@ -109,19 +138,29 @@ class Subject:
         return (batch, *rest)
 
     def describe(self) -> dict[str, Any]:
-        meta = self.loaded.metadata
+        meta = self.metadata
+        try:
+            layers = len(json.loads(meta.get("nenni.layers", "[]")))
+            config = json.loads(meta.get("nenni.config", "{}"))
+        except json.JSONDecodeError:
+            layers, config = 0, {}
         return {
             "label": self.label,
             "path": str(self.path),
+            "format": "tensorrt-plan" if self.is_plan else "onnx",
             "sha256": self.sha256,
             "bytes": self.path.stat().st_size,
             "arch": meta.get("nenni.arch", ""),
-            "dense": not self.loaded.is_nenni,
-            "nenni_layers": self.loaded.nenni_nodes,
+            "dense": meta.get("nenni.dense", "false") == "true" or not layers,
+            "nenni_layers": self.loaded.nenni_nodes if self.loaded is not None else layers,
             "noise": meta.get("nenni.noise", "none"),
-            "config": self.loaded.config(),
+            "config": self.loaded.config() if self.loaded is not None else config,
             "cost": self.cost,
         }
+
+    def close(self) -> None:
+        if self.is_plan:
+            self.plan.deactivate()
 
 
 def _file_sha256(path: Path) -> str:
@@ -270,11 +309,34 @@ class _Timed:
         self.session.run(self.outputs, self.feeds)
         return time.perf_counter() - start
 
+    def chunk(self, n: int) -> list[float]:
+        return [self.once() for _ in range(n)]
+
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
 
     def close(self) -> None:
         self.runner.deactivate()
+
+
+class _TimedPlan:
+    """A TensorRT engine: CUDA events around the engine alone, input already on the device (TensorRTRunner)."""
+
+    def __init__(self, subject: Subject, batch: int, rng: np.random.Generator) -> None:
+        self.runner = subject.plan
+        self.x = rng.random(subject.input_shape(batch), dtype=np.float32)
+
+    def once(self) -> float:
+        return self.chunk(1)[0]
+
+    def chunk(self, n: int) -> list[float]:
+        return self.runner.time_batches(self.x, iterations=n, warmup_seconds=0.0)
+
+    def providers(self) -> list[str]:
+        return ["TensorRT"]
+
+    def close(self) -> None:
+        """The engine stays active for the next batch size; `Subject.close` releases it."""
 
 
 def _warm(timed: list[_Timed], seconds: float) -> list[float]:
@@ -296,7 +358,7 @@ def bench_batch(
 ) -> dict[str, Any]:
     """Interleaved timing of every subject at one batch size: per-iteration latencies, round by round."""
     rng = np.random.default_rng(settings.seed)
-    timed = [_Timed(s, settings, batch, rng) for s in subjects]
+    timed = [_TimedPlan(s, batch, rng) if s.is_plan else _Timed(s, settings, batch, rng) for s in subjects]
     try:
         typical = _warm(timed, settings.warmup)
         if settings.iterations is not None:
@@ -308,7 +370,7 @@ def bench_batch(
         with LoadMeter() as load:
             for _ in range(settings.rounds):
                 for i, t in enumerate(timed):
-                    chunk = [t.once() for _ in range(per_round[i])]
+                    chunk = t.chunk(per_round[i])
                     latencies[i].extend(chunk)
                     round_means[i].append(float(np.mean(chunk)))
                 if tick:
@@ -358,8 +420,24 @@ def run_bench(
     """The whole benchmark: every batch size, both models interleaved, optional profile; a JSON-ready report."""
     settings.validate()
     model = Subject.load("model", model_path)
-    baseline = Subject.load("baseline", baseline_path) if baseline_path is not None else None
+    try:
+        baseline = Subject.load("baseline", baseline_path) if baseline_path is not None else None
+    except BaseException:
+        model.close()
+        raise
     subjects = [model] + ([baseline] if baseline else [])
+    try:
+        return _run(model, baseline, subjects, settings, progress)
+    finally:
+        for s in subjects:
+            s.close()
+
+
+def _run(
+    model: Subject, baseline: Subject | None, subjects: list[Subject], settings: BenchSettings, progress: bool
+) -> dict[str, Any]:
+    if any(s.is_plan for s in subjects) and settings.profile:
+        raise NenniError("--profile profiles ONNX Runtime sessions; for engines use nsys or trtexec --dumpProfile")
     for b in settings.batches:  # shape errors before any timing
         for s in subjects:
             s.input_shape(b)
