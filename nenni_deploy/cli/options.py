@@ -247,7 +247,7 @@ def method_options():
     )
 
 
-def pop_method(kwargs: dict[str, Any], model) -> tuple[Any, dict[str, Any]]:
+def pop_method(kwargs: dict[str, Any], model, label_smoothing: float = 0.0) -> tuple[Any, dict[str, Any]]:
     """Take the `method_options` values out of kwargs; return the method and the PGD validation settings.
 
     Checked here, before any file is written: a bad value is a one-line error.
@@ -269,7 +269,7 @@ def pop_method(kwargs: dict[str, Any], model) -> tuple[Any, dict[str, Any]]:
         beta=values["beta"],
         slim_layers=slim_layers,
         via=values["attack_via"],
-        label_smoothing=kwargs.get("label_smoothing") or 0.0,
+        label_smoothing=label_smoothing,
     )
     adversarial = values["method"] != "standard"
     n = values["val_pgd_n"] if values["val_pgd_n"] is not None else (500 if adversarial else 0)

@@ -68,7 +68,7 @@ def command(arch, weights, data_name, data_dir, out, progress, json_path, resume
     check_data_fits(arch, info, train_set)
     torch.manual_seed(config.seed)  # the initialisation, when there are no --weights
     model = create_model(arch, weights=weights)
-    method, validation = pop_method(options, model)
+    method, validation = pop_method(options, model, config.label_smoothing)
     if validation["n"]:
         config = dataclasses.replace(config, best_metric="pgd_acc")
     validators = pgd_validation(validation, train_set.x, train_set.y, config)

@@ -261,6 +261,10 @@ class _Loop:
             totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
             dist.all_reduce(totals)
             loss_sum, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
+            # DDP broadcasts rank 0's buffers before each forward, so the last step's batch-norm statistics
+            # differ per rank until the next one: make every replica rank 0's (the one evaluated and saved).
+            for buf in self.model.buffers():
+                dist.broadcast(buf, 0)
         state.epoch = epoch
         return {
             "epoch": epoch,

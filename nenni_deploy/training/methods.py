@@ -210,7 +210,7 @@ class Adversarial:
 
 def fast_at(eps: float = 8 / 255, alpha: float | None = None, **kwargs: Any) -> Adversarial:
     """FGSM with random start and step 1.25 eps (Wong et al. 2020)."""
-    return Adversarial(name="fast", eps=eps, steps=1, alpha=alpha or 1.25 * eps, **kwargs)
+    return Adversarial(name="fast", eps=eps, steps=1, alpha=1.25 * eps if alpha is None else alpha, **kwargs)
 
 
 def trades_loss(clean: torch.Tensor, adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -255,5 +255,6 @@ def make_method(
             raise NenniError(f"--method fast takes one attack step, got --attack-steps {steps}")
         return fast_at(eps, alpha, beta=beta, slim_layers=tuple(slim_layers), via=via)
     # eps / 4 is 2/255 at 8/255: the usual ratio, kept for other budgets.
-    alpha = alpha or eps / 4
-    return Adversarial(name, eps, steps or 10, alpha, beta, slim_layers=tuple(slim_layers), via=via)
+    alpha = eps / 4 if alpha is None else alpha
+    steps = 10 if steps is None else steps
+    return Adversarial(name, eps, steps, alpha, beta, slim_layers=tuple(slim_layers), via=via)
