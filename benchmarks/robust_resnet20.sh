@@ -2,11 +2,13 @@
 # A robust ResNet-20 on CIFAR-10: adversarial fine-tuning of the shared standard ResNet-20 (akamaster) with
 # fast AT (FGSM with random start) at Linf 8/255, with and without SLIM, then NENNI calibrated on the result.
 # Usage: SHARED=../shared OUT=runs/robust THREADS=1 bash benchmarks/robust_resnet20.sh [stage ...]
-# Stages: fast, fast-slim (the two fine-tunes; independent, run them in parallel), calibrate, eval.
+# Stages: fast, fast-slim (the two fine-tunes; independent, run them in parallel), calibrate (NENNI on the
+# fast-AT model), eval (the dense models), eval-nenni (the NENNI model).
 # Budget: sized for about an hour per fine-tune on one contended CPU thread: 4 epochs of 150 steps of 128
 # images (a fresh random 19,200 of the 49,000 training images each epoch); 1,000 images held out, the best
 # epoch chosen on PGD-10 accuracy over 256 of them. Raise STEPS (or drop --max-steps-per-epoch) and EPOCHS
-# for a stronger model. Each stage is skipped when its output exists; an interrupted run continues (--resume).
+# for a stronger model (the 8-epoch pair in docs/results.md: EPOCHS=8 OUT=runs/robust8 ... fast fast-slim).
+# Each stage is skipped when its output exists; an interrupted run continues (--resume).
 set -euo pipefail
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-runs/robust}
@@ -38,7 +40,12 @@ calibrate() {  # NENNI on the robust model: channel granularity (the deployment 
 evaluate() {  # clean and PGD-20 accuracy on the first EVAL_N test images (nenni eval is a later issue)
   $PY benchmarks/robust_eval.py "${DATA[@]}" --n "$EVAL_N" --threads "$THREADS" --json "$OUT/eval.json" \
       --model "fast=$OUT/fast/model.safetensors" --model "fast-slim=$OUT/fast-slim/model.safetensors" \
-      --model "standard=$WEIGHTS" --nenni "fast-nenni=$OUT/fast-nenni"
+      --model "standard=$WEIGHTS"
+}
+
+evaluate_nenni() {
+  $PY benchmarks/robust_eval.py "${DATA[@]}" --n "$EVAL_N" --threads "$THREADS" --json "$OUT/eval-nenni.json" \
+      --nenni "fast-nenni=$OUT/fast-nenni"
 }
 
 run() {
@@ -47,8 +54,9 @@ run() {
     fast-slim) finetune fast-slim --slim --slim-layers auto ;;
     calibrate) calibrate ;;
     eval) evaluate ;;
+    eval-nenni) evaluate_nenni ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac
 }
 
-for s in "${@:-fast fast-slim calibrate eval}"; do for x in $s; do run "$x"; done; done
+for s in "${@:-fast fast-slim calibrate eval eval-nenni}"; do for x in $s; do run "$x"; done; done
