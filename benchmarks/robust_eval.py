@@ -1,7 +1,8 @@
 """Clean and PGD-20 accuracy (Linf 8/255, step 2/255, one random start) on the first N CIFAR-10 test images.
 
 A stand-in until `nenni eval` lands: the same attack class, a smaller sample. NENNI models are attacked through
-their own forward pass and with BPDA through the exact layers; the worse of the two is their robust accuracy.
+their own forward pass and with BPDA through the exact layers; the worse of the two is their robust accuracy
+(per image: an image counts as robust only if both attacks fail).
 Usage: .venv/bin/python benchmarks/robust_eval.py --data-dir DIR --n 1000 --model NAME=WEIGHTS --nenni NAME=DIR
 """
 
@@ -22,16 +23,17 @@ from nenni_deploy.models import create_model
 from nenni_deploy.nenni.io import load_nenni_model
 
 
-def robust_accuracy(model, x, y, attack: PGD, batch_size: int, via: str | None) -> float:
+def robust_correct(model, x, y, attack: PGD, batch_size: int, via: str | None) -> torch.Tensor:
+    """Per image: still classified correctly after the attack (kept for paired comparisons of models)."""
     model.eval()
-    correct = 0
+    out = []
     for i in range(0, len(x), batch_size):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         with straight_through(model, via) if via else nullcontext():
             adv = attack.perturb(model, xb, yb)
         with torch.no_grad():
-            correct += int((model(adv).argmax(1) == yb).sum())
-    return 100 * correct / len(x)
+            out.append(model(adv).argmax(1) == yb)
+    return torch.cat(out)
 
 
 def main() -> None:
@@ -55,13 +57,17 @@ def main() -> None:
         start = time.perf_counter()
         model = load_nenni_model(path)[0] if is_nenni else create_model("resnet20", weights=path)
         row = {"path": path, "n": len(x), "clean": accuracy(model, x, y, args.batch_size)}
-        row["pgd20"] = robust_accuracy(model, x, y, attack, args.batch_size, None)
+        robust = robust_correct(model, x, y, attack, args.batch_size, None)
+        row["pgd20"] = 100 * float(robust.float().mean())
         if is_nenni:
-            row["pgd20_bpda_exact"] = robust_accuracy(model, x, y, attack, args.batch_size, "exact")
-            row["pgd20_worst"] = min(row["pgd20"], row["pgd20_bpda_exact"])
+            bpda = robust_correct(model, x, y, attack, args.batch_size, "exact")
+            row["pgd20_bpda_exact"] = 100 * float(bpda.float().mean())
+            robust = robust & bpda  # per image, the worse of the two attacks
+            row["pgd20_worst"] = 100 * float(robust.float().mean())
+        row["robust_indices"] = robust.nonzero().flatten().tolist()
         row["seconds"] = time.perf_counter() - start
         results[name] = row
-        print(name, json.dumps(row), flush=True)
+        print(name, json.dumps({k: v for k, v in row.items() if k != "robust_indices"}), flush=True)
     out = {"attack": attack.to_dict(), "images": len(x), "load_average": os.getloadavg(), "models": results}
     if args.json:
         with open(args.json, "w") as f:
