@@ -27,7 +27,7 @@ from .options import (
     training_options,
     write_json_atomic,
 )
-from .train import check_data_fits, check_writable_dir, epoch_line
+from .train import check_data_fits, check_writable_dir, epoch_line, init_distributed
 
 TRAIN_SUBDIR = "train"
 STATS_IMAGES = 1024  # training images used to re-measure the fit statistics after training
@@ -61,7 +61,8 @@ def command(
 ):
     """Fine-tune the NENNI model in MODEL_DIR with the NENNI forward pass; write the result to --out.
 
-    Checkpoints, metrics.jsonl and curves.png live in OUT/train (continue with --resume). With an
+    Checkpoints, metrics.jsonl and curves.png live in OUT/train (continue with --resume); `torchrun` runs it
+    data-parallel like `nenni train`. With an
     adversarial --method the attack runs through the NENNI forward pass, masks included (or through BPDA
     with --attack-via exact|approx), and the best epoch is the one with the highest PGD validation accuracy.
     """
@@ -89,6 +90,7 @@ def command(
         refit_ridge=nenni_config.ridge,
     )
     apply_threads(config.threads)
+    rank = init_distributed()
     method, validation = pop_method(options, model, config.label_smoothing)
     if validation["n"]:
         config = dataclasses.replace(config, best_metric="pgd_acc")
@@ -114,7 +116,8 @@ def command(
 
     start = time.perf_counter()
     before = {"nenni_accuracy": evaluate("nenni"), "exact_accuracy": evaluate("exact")}
-    click.echo(f"before: NENNI {before['nenni_accuracy']:.2f} %  exact {before['exact_accuracy']:.2f} %")
+    if rank == 0:
+        click.echo(f"before: NENNI {before['nenni_accuracy']:.2f} %  exact {before['exact_accuracy']:.2f} %")
     result = train(
         model,
         train_set.x,
@@ -127,6 +130,8 @@ def command(
         progress=progress,
         on_epoch=lambda r: click.echo(epoch_line(r, config.epochs)),
     )
+    if rank != 0:
+        return  # rank 0 measures, evaluates and writes the model directory
     if result.resumed_from is not None:
         click.echo(f"resumed after epoch {result.resumed_from} from {run_dir}")
     load_model(result.best_path, model)

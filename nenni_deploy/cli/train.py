@@ -44,7 +44,7 @@ def command(arch, weights, data_name, data_dir, out, progress, json_path, resume
     RUN_DIR gets last/best checkpoints (resume with --resume), metrics.jsonl, curves.png and model.safetensors
     (the best weights by validation accuracy, or by PGD accuracy on the validation split for adversarial
     methods; `--weights` of other commands reads it). Under `torchrun --nproc-per-node N` the run is
-    data-parallel (DistributedDataParallel; gloo on CPU, NCCL on GPU), --batch-size being the global batch.
+    data-parallel (DistributedDataParallel over gloo, on the CPU), --batch-size being the global batch.
     """
     import dataclasses
 
@@ -123,12 +123,13 @@ def init_distributed() -> int:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); return this process's rank."""
     import os
 
-    import torch
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return dist.get_rank() if dist.is_initialized() else 0
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # gloo even where CUDA exists: the commands keep models and data on the CPU, and NCCL only moves GPU
+    # tensors. NCCL belongs here once training gains a --device option.
+    backend = "gloo"
     try:
         dist.init_process_group(backend)
     except (RuntimeError, ValueError) as exc:
