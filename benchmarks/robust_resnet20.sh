@@ -42,6 +42,8 @@ evaluate() {  # clean and PGD-20 accuracy on the first EVAL_N test images (nenni
       --model "fast=$OUT/fast/model.safetensors" --model "fast-slim=$OUT/fast-slim/model.safetensors" \
       --model "standard=$WEIGHTS"
 }
+# eval.json keeps, per model, the indices of the images that survive PGD-20 (`robust_indices`): the SLIM
+# comparison in docs/results.md counts the images only one of the two models keeps (McNemar).
 
 evaluate_nenni() {
   $PY benchmarks/robust_eval.py "${DATA[@]}" --n "$EVAL_N" --threads "$THREADS" --json "$OUT/eval-nenni.json" \
