@@ -4,10 +4,10 @@
 # Usage: SHARED=../shared OUT=runs/robust THREADS=1 bash benchmarks/robust_resnet20.sh [stage ...]
 # Stages: fast, fast-slim (the two fine-tunes; independent, run them in parallel), calibrate (NENNI on the
 # fast-AT model), eval (the dense models), eval-nenni (the NENNI model).
-# Budget: sized for about an hour per fine-tune on one contended CPU thread: 4 epochs of 150 steps of 128
-# images (a fresh random 19,200 of the 49,000 training images each epoch); 1,000 images held out, the best
-# epoch chosen on PGD-10 accuracy over 256 of them. Raise STEPS (or drop --max-steps-per-epoch) and EPOCHS
-# for a stronger model (the 8-epoch pair in docs/results.md: EPOCHS=8 OUT=runs/robust8 ... fast fast-slim).
+# Budget: 4 epochs of 150 steps of 128 images (a fresh random 19,200 of the 49,000 training images each
+# epoch): 25-30 min per fine-tune on one contended CPU thread; EPOCHS=8 (the 8-epoch pair in docs/results.md,
+# OUT=runs/robust8) took about 55 min. 1,000 training images are held out and the best epoch is chosen on
+# PGD-10 accuracy over 256 of them. Raise STEPS (or drop --max-steps-per-epoch) and EPOCHS for a stronger model.
 # Each stage is skipped when its output exists; an interrupted run continues (--resume).
 set -euo pipefail
 SHARED=${SHARED:-../shared}
