@@ -215,7 +215,6 @@ def test_bpda_attack_differs_from_the_nenni_forward_attack_and_restores_the_laye
     assert not torch.equal(advs["nenni"], advs["exact"]) and not torch.equal(advs["exact"], advs["approx"])
 
 
-@pytest.mark.slow
 def test_fast_at_buys_robustness_on_digits(tmp_path):
     """The point of the methods: on digits, fast AT at eps 0.1 gains PGD accuracy over standard training."""
     from nenni_deploy.data import load_dataset
