@@ -87,7 +87,8 @@ def _rename_values(proto: ModelProto, renames: dict[str, str]) -> None:
         vi.name = renames.get(vi.name, vi.name)
 
 
-def _attr(node: NodeProto, name: str, default=None):
+def node_attr(node: NodeProto, name: str, default=None):
+    """A node attribute's value (strings decoded), or `default`."""
     for a in node.attribute:
         if a.name == name:
             value = helper.get_attribute_value(a)
@@ -103,7 +104,7 @@ def layer_overload(node: NodeProto, proto: ModelProto | None = None, lowering: s
         weight = next((t for t in proto.graph.initializer if t.name == node.input[1]), None)
         if weight is not None and len(weight.dims) == 4:
             kernel = tuple(weight.dims[2:])
-    return ops.overload_name(_attr(node, "granularity"), _attr(node, "rank", "signed"), kernel, lowering)
+    return ops.overload_name(node_attr(node, "granularity"), node_attr(node, "rank", "signed"), kernel, lowering)
 
 
 def model_opset(proto: ModelProto) -> int:
@@ -115,7 +116,7 @@ def attach_functions(proto: ModelProto, lowerings: dict[str, str] | None = None)
     opset = model_opset(proto)
     for node in nenni_nodes(proto):
         _remove_attrs(node, ops.PLUGIN_ATTRIBUTES)
-        if node.op_type == ops.NOISE and _attr(node, "seed", 0.0) < 0:
+        if node.op_type == ops.NOISE and node_attr(node, "seed", 0.0) < 0:
             _remove_attrs(node, ("seed",))  # the TensorRT form's "unseeded" marker; ORT seeds itself without one
         lowering = (lowerings or {}).get(node.name, "skip")
         node.overload = layer_overload(node, proto, lowering) if node.op_type in ops.LAYER_OPS else ""
@@ -140,7 +141,7 @@ def mark_plugins(proto: ModelProto) -> None:
                 helper.make_attribute("plugin_version", ops.PLUGIN_VERSION),
             ]
         )
-        if node.op_type == ops.NOISE and _attr(node, "seed") is None:
+        if node.op_type == ops.NOISE and node_attr(node, "seed") is None:
             node.attribute.append(helper.make_attribute("seed", ops.UNSEEDED))
         node.overload = ""
     _drop_nenni_functions(proto)
@@ -372,7 +373,7 @@ def expose_noise(proto: ModelProto) -> tuple[ModelProto, list[dict[str, Any]]]:
             {
                 "layer": layer.name if layer is not None else node.name,
                 "values": (y, m, z),
-                "expected_std": float(_attr(node, "scale", 1.0)) * float(_attr(node, "residual_rms", 0.0)),
+                "expected_std": float(node_attr(node, "scale", 1.0)) * float(node_attr(node, "residual_rms", 0.0)),
             }
         )
     return copy, records

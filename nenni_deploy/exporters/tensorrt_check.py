@@ -17,10 +17,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from onnx import AttributeProto, ModelProto, NodeProto, helper, numpy_helper
+from onnx import AttributeProto, ModelProto, NodeProto, numpy_helper
 
 from ..errors import NenniError
 from . import ops
+from .graph import node_attr as _attr
 
 TOPK_MAX_K = 3840  # TensorRT's TopK needs K < 3840 (ITopKLayer)
 MAX_LISTED = 5  # nodes named in one error line
@@ -53,14 +54,6 @@ class _Graph:
                     self.constants[node.output[0]] = list(_attr(node, "value_ints"))
                 elif _attr(node, "value_int") is not None:
                     self.constants[node.output[0]] = [_attr(node, "value_int")]
-
-
-def _attr(node: NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            value = helper.get_attribute_value(a)
-            return value.decode() if isinstance(value, bytes) else value
-    return default
 
 
 # -- limits of native ops ---------------------------------------------------------------------------------------

@@ -98,7 +98,7 @@ def tune_channel_lowerings(
     rng = np.random.default_rng(seed)
     timings = []
     for node in graph.nenni_nodes(proto, (ops.CONV,)):
-        if graph._attr(node, "granularity") != "channel":
+        if graph.node_attr(node, "granularity") != "channel":
             continue
         dims = shapes.get(node.input[0])
         if not dims or any(d is None for d in dims[1:]):
