@@ -25,10 +25,12 @@ def autoattack(
     attacks: list[str] | None = None,
     seed: int = 0,
     batch_size: int = 250,
+    iterations: int | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
     """AutoAttack's adversarial examples for (x, y) and the warnings of its own sanity checks (randomness,
     dynamic defence, Square beating the gradient attacks). `standard` for deterministic models, `rand` (APGD with 20
-    EOT draws) for randomised ones, `custom` runs only `attacks` (a cheaper subset, stated in every report)."""
+    EOT draws) for randomised ones, `custom` runs only `attacks` (a cheaper subset, stated in every report).
+    `iterations` overrides the package's 100 APGD/FAB iterations (a cheaper, weaker run; reported as such)."""
     from pyautoattack import AutoAttack
 
     if version not in VERSIONS:
@@ -50,6 +52,17 @@ def autoattack(
         seed=seed,
         version=version,
     )
+    if iterations is not None:
+        if iterations < 1:
+            raise NenniError(f"AutoAttack iterations must be >= 1, got {iterations}")
+        for attack in (adversary.apgd, adversary.apgd_targeted, adversary.fab):
+            attack.n_iter = int(iterations)
+            if hasattr(attack, "n_iter_2"):
+                # APGD derives its step-size checkpoints from n_iter in __init__: recompute them the same way.
+                attack.n_iter_orig = int(iterations)
+                attack.n_iter_2 = max(int(0.22 * iterations), 1)
+                attack.n_iter_min = max(int(0.06 * iterations), 1)
+                attack.size_decr = max(int(0.03 * iterations), 1)
     # Its per-attack debug lines would interleave with our progress bars; its warnings are kept for the report.
     collected = _Collect()
     adversary.logger.setLevel(logging.WARNING)

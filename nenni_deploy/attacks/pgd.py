@@ -115,13 +115,13 @@ class PGD:
         return d / _per_sample_norm(d) * (r * self.eps).view(-1, *([1] * (x.dim() - 1)))
 
     def _diverse(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """DI: with probability `diversity`, shrink to a random size in [0.9 H, H] and pad back at a random offset
+        """DI: with probability `diversity`, shrink to a random size in [0.9 H, H) and pad back at a random offset
         (the CIFAR-sized variant: the model keeps its input size)."""
-        if float(torch.rand((), generator=gen, device=gen.device)) >= self.diversity:
-            return x
         h, w = x.shape[-2:]
-        low = max(1, int(0.9 * h))
-        size = int(torch.randint(low, h + 1, (), generator=gen, device=gen.device))
+        if h < 2 or float(torch.rand((), generator=gen, device=gen.device)) >= self.diversity:
+            return x
+        low = min(max(1, int(0.9 * h)), h - 1)
+        size = int(torch.randint(low, h, (), generator=gen, device=gen.device))
         small = F.interpolate(x, size=(size, size * w // h), mode="nearest")
         top = int(torch.randint(0, h - size + 1, (), generator=gen, device=gen.device))
         left = int(torch.randint(0, w - small.shape[-1] + 1, (), generator=gen, device=gen.device))

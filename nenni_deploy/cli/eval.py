@@ -58,6 +58,7 @@ def _split(text: str | None) -> list[str] | None:
     help="AutoAttack version; auto: standard for deterministic models, rand for randomised ones.",
 )
 @click.option("--aa-attacks", default=None, help="With --aa-version custom: e.g. apgd-ce,apgd-t (a cheaper subset).")
+@click.option("--aa-iters", type=click.IntRange(1), default=None, help="AutoAttack APGD/FAB iterations (default 100).")
 @click.option("--cs-layers", default=None, help="PGD-CS layers (default: each stage, e.g. layer1,layer2,layer3).")
 @click.option(
     "--surrogate",
@@ -106,6 +107,7 @@ def command(target_spec, **kw):
         eot=kw["eot_samples"],
         aa_version=kw["aa_version"],
         aa_attacks=_split(kw["aa_attacks"]),
+        aa_iters=kw["aa_iters"],
         cs_layers=_split(kw["cs_layers"]),
         transfer_steps=kw["transfer_steps"],
         transfer_methods=_split(kw["transfer_methods"]) or [],

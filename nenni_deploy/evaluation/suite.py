@@ -38,6 +38,7 @@ class Settings:
     eot: int = 20
     aa_version: str = "auto"  # auto: standard for deterministic targets, rand for randomised ones
     aa_attacks: list[str] | None = None  # a cheaper custom subset (version "custom")
+    aa_iters: int | None = None  # None: the package's 100 iterations
     cs_layers: list[str] | None = None  # None: each stage of the network in turn
     transfer_steps: int = 20
     transfer_methods: list[str] = field(default_factory=lambda: ["pgd", "mi-di"])
@@ -87,9 +88,11 @@ def parse_attacks(text: str | None) -> list[str] | None:
 
 
 def default_cs_layers(module: nn.Module) -> list[str]:
-    """Each residual stage's output (ResNets name them layer1, layer2, ...), else each NENNI layer."""
+    """Each residual stage's output (ResNets name them layer1, layer2, ...), else each NENNI layer, else each
+    top-level convolution after the first (the first is too close to the pixels to be an intermediate layer)."""
     stages = [name for name, _ in module.named_children() if name.startswith("layer")]
-    return stages or list(nenni_layers(module))
+    convs = [name for name, m in module.named_children() if isinstance(m, nn.Conv2d)][1:]
+    return stages or list(nenni_layers(module)) or convs
 
 
 def _with_gradient(model: TorchModel, via: str | None):
@@ -137,7 +140,7 @@ def plan(
                 skipped["autoattack-standard"] = "the target is randomised: AutoAttack 'rand' (EOT) applies instead"
                 version = "rand"
             cfg = {"attack": "autoattack", "version": version, "attacks": settings.aa_attacks, "norm": settings.norm}
-            cfg["seed"] = settings.seed
+            cfg.update(seed=settings.seed, iterations=settings.aa_iters)
             rows.append(Row(f"autoattack-{version}", "white-box", cfg, _aa_craft(src, settings, version), random))
         elif attack == "bpda":
             if not target.nenni:
@@ -187,6 +190,7 @@ def _aa_craft(model: TorchModel, settings: Settings, version: str) -> Craft:
             attacks=settings.aa_attacks if version == "custom" else None,
             seed=settings.seed,
             batch_size=settings.batch_size,
+            iterations=settings.aa_iters,
         )
 
     return craft
