@@ -99,6 +99,7 @@ def test_eval_json_worst_case_plot_and_resume(models, tmp_path):
     report = json.loads(js.read_text())
     assert png.stat().st_size > 1000
     assert 0 < report["clean_accuracy"] <= 100
+    assert len(report["key"]) == 64
     assert report["eps"] == ["0.05", "0.2"]
     for label in report["eps"]:
         accs = {name: a["accuracy"][label] for name, a in report["attacks"].items()}
@@ -112,7 +113,8 @@ def test_eval_json_worst_case_plot_and_resume(models, tmp_path):
     cache = sorted(p.name for p in (tmp_path / "r.json.cache").iterdir())
     again = run_eval(*args, "--json", str(js))
     assert again.exit_code == 0, again.output
-    assert json.loads(js.read_text())["attacks"] == report["attacks"]
+    rerun = json.loads(js.read_text())
+    assert rerun["attacks"] == report["attacks"] and rerun["key"] == report["key"]
     assert sorted(p.name for p in (tmp_path / "r.json.cache").iterdir()) == cache
 
 

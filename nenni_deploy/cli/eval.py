@@ -87,7 +87,7 @@ def command(target_spec, **kw):
 
     from ..data import load_dataset
     from ..evaluation.budget import parse_eps_list
-    from ..evaluation.run import Cache, Evaluation, sanity_warnings, to_json, worst_case
+    from ..evaluation.run import Cache, Evaluation, digest, images_digest, sanity_warnings, to_json, worst_case
     from ..evaluation.suite import Settings, parse_attacks, plan
     from ..evaluation.targets import describe, load_surrogates, load_target
 
@@ -156,6 +156,16 @@ def command(target_spec, **kw):
         warnings += [f"{r.name}: {w}" for w in r.warnings]
 
     report = {
+        # One key for the whole run: the same model, images, attacks and budgets give the same key.
+        "key": digest(
+            {
+                "target": target.identity,
+                "images": images_digest(x, y),
+                "attacks": [r.config for r in rows],
+                "eps": [v for _, v in eps_list],
+                "settings": settings.__dict__,
+            }
+        ),
         "target": describe(target),
         "data": {"name": data_name, "split": "test", "images": len(x), "first": len(x)},
         "norm": norm,

@@ -25,7 +25,7 @@ TOLERANCE = 0.5
 SANITY_EPS = 64 / 255  # nothing real survives a budget this large: accuracy must fall to 0
 
 
-def _digest(obj: Any) -> str:
+def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -82,7 +82,7 @@ class RowResult:
 
 
 def _chunk_seed(base: int, *parts: Any) -> int:
-    return int(_digest([base, *parts])[:8], 16)
+    return int(digest([base, *parts])[:8], 16)
 
 
 def _check_budget(name: str, x: torch.Tensor, adv: torch.Tensor, eps: float, norm: str) -> None:
@@ -176,7 +176,7 @@ class Evaluation:
         return results
 
     def _key(self, config: dict, eps: float, i: int) -> str:
-        return _digest(
+        return digest(
             {
                 "target": self.target.identity,
                 "images": self.chunk_digests[i],
@@ -224,7 +224,7 @@ class Evaluation:
     def large_eps(self, row: Row, n: int = 100) -> dict[str, Any]:
         """The strongest gradient attack of the suite at a budget nothing survives."""
         n = min(n, len(self.x))
-        key = _digest(
+        key = digest(
             {
                 "sanity": row.config,
                 "target": self.target.identity,
