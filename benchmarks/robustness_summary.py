@@ -51,10 +51,17 @@ def main() -> None:
     for path in sorted(out.glob("*.json")):
         report = json.loads(path.read_text())
         s = report.get("settings", {})
+        eot = sorted({a["config"].get("eot", 1) for a in report["attacks"].values()} - {1})
+        aa = [a["config"] for a in report["attacks"].values() if a["config"].get("attack") == "autoattack"]
+        aa_text = (
+            f"AutoAttack {aa[0]['version']} {','.join(aa[0]['attacks'] or [])} {aa[0]['iterations'] or 100} iterations"
+            if aa
+            else "no AutoAttack"
+        )
         print(
-            f"- {path.stem}: {report['data']['images']} images, {report['seconds']:.0f} s; steps {s.get('steps')}, "
-            f"restarts {s.get('restarts')}, EOT {s.get('eot')}, AutoAttack {s.get('aa_version')} "
-            f"{s.get('aa_attacks') or ''} iters {s.get('aa_iters') or 100}; skipped: "
+            f"- {path.stem}: {report['data']['images']} images, {report['seconds']:.0f} s; PGD steps {s.get('steps')}, "
+            f"restarts {s.get('restarts')}, EOT {eot[0] if eot else 'none (deterministic)'}, {aa_text}, "
+            f"transfer steps {s.get('transfer_steps')}; attacks: {', '.join(report['attacks'])}; skipped: "
             + ("; ".join(f"{k} ({v})" for k, v in report["skipped"].items()) or "none")
         )
         for w in report["sanity"]["warnings"]:
