@@ -13,7 +13,7 @@ from nenni_deploy.cli import main
 from nenni_deploy.data import load_dataset
 from nenni_deploy.errors import NenniError
 from nenni_deploy.evaluation.budget import parse_eps, parse_eps_list
-from nenni_deploy.evaluation.run import Cache, Evaluation, RowResult, sanity_warnings, worst_case
+from nenni_deploy.evaluation.run import Cache, Evaluation, RowResult, check_budget, sanity_warnings, worst_case
 from nenni_deploy.evaluation.suite import Settings, parse_attacks, plan
 from nenni_deploy.evaluation.targets import load_surrogates, load_target
 from nenni_deploy.models import create_model, save_state_dict
@@ -227,3 +227,26 @@ def test_bad_input_is_one_line_and_writes_nothing(models, tmp_path):
         assert len(message) == 1, (name, result.output)
         assert not js.exists(), name
     assert not list(tmp_path.glob(".out.json*"))
+
+
+def test_every_attack_result_is_checked_against_its_budget():
+    x = torch.rand(2, 3, 4, 4) * 0.5
+    check_budget("ok", x, x + 0.1, 0.1, "linf")
+    for bad in (x + 0.2, x - 1.0, x * float("nan")):
+        with pytest.raises(NenniError, match="budget"):
+            check_budget("bad", x, bad, 0.1, "linf")
+
+
+def test_transfer_always_includes_the_dense_base_and_ensembles_several_surrogates(models, tmp_path):
+    js = tmp_path / "t.json"
+    other = f"{models['noisy']}:dense"
+    result = run_eval(
+        str(models["nenni"]), "--n", "30", "--eps", "0.1", "--attack", "transfer,pgd-cs", "--surrogate", other,
+        "--transfer-methods", "pgd", "--cs-layers", "all", *FAST, "--json", str(js),
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    attacks = json.loads(js.read_text())["attacks"]
+    assert {"transfer-pgd:base", "transfer-pgd:noisy:dense", "transfer-pgd:ensemble"} <= set(attacks)
+    assert {"pgd-cs:conv2", "pgd-cs:conv3"} <= set(attacks)
+    for a in attacks.values():
+        assert 0 <= a["success"]["0.1"] <= 100

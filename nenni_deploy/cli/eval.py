@@ -48,6 +48,14 @@ def _split(text: str | None) -> list[str] | None:
 @click.option(
     "--steps", type=click.IntRange(1), default=50, show_default=True, help="PGD steps (white-box, BPDA, EOT)."
 )
+@click.option(
+    "--step-size",
+    "alpha_factor",
+    type=click.FloatRange(0, 100, min_open=True),
+    default=2.5,
+    show_default=True,
+    help="PGD step as a multiple of eps / steps (2.5 crosses the ball from any start).",
+)
 @click.option("--restarts", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--eot-samples", type=click.IntRange(1), default=20, show_default=True, help="Noise draws per gradient.")
 @click.option(
@@ -59,7 +67,11 @@ def _split(text: str | None) -> list[str] | None:
 )
 @click.option("--aa-attacks", default=None, help="With --aa-version custom: e.g. apgd-ce,apgd-t (a cheaper subset).")
 @click.option("--aa-iters", type=click.IntRange(1), default=None, help="AutoAttack APGD/FAB iterations (default 100).")
-@click.option("--cs-layers", default=None, help="PGD-CS layers (default: each stage, e.g. layer1,layer2,layer3).")
+@click.option(
+    "--cs-layers",
+    default=None,
+    help="PGD-CS layers: names, or 'all' for each NENNI (else convolution) layer in turn; default: each stage.",
+)
 @click.option(
     "--surrogate",
     "surrogates",
@@ -103,6 +115,7 @@ def command(target_spec, **kw):
     settings = Settings(
         norm=norm,
         steps=kw["steps"],
+        alpha_factor=kw["alpha_factor"],
         restarts=kw["restarts"],
         eot=kw["eot_samples"],
         aa_version=kw["aa_version"],
@@ -129,11 +142,12 @@ def command(target_spec, **kw):
         raise NenniError(f"--n {kw['count']} is larger than the {data_name} test set ({len(ds)} images)")
     x, y = ds.x[: kw["count"]].float().contiguous(), ds.y[: kw["count"]]
 
-    surrogate_specs = _split(kw["surrogates"])
-    if surrogate_specs is None and target.nenni and target.source is not None:
-        surrogate_specs = ["base"]
+    surrogate_specs = _split(kw["surrogates"]) or []
+    if target.nenni and target.source is not None and "base" not in surrogate_specs:
+        # The dense model with the same weights is always a surrogate: the attacker knows it for free.
+        surrogate_specs.insert(0, "base")
     wants_transfer = attacks is None or "transfer" in attacks
-    surrogates = load_surrogates(surrogate_specs or [], target) if wants_transfer else []
+    surrogates = load_surrogates(surrogate_specs, target) if wants_transfer else []
     rows, skipped = plan(target, attacks, settings, surrogates)
     if not rows:
         raise NenniError("no attack applies to this target: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))

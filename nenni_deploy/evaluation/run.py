@@ -76,6 +76,7 @@ class RowResult:
     config: dict[str, Any]
     accuracy: dict[str, float] = field(default_factory=dict)
     agreement: dict[str, float] = field(default_factory=dict)  # ONNX vs PyTorch top-1 on the adversarial images
+    success: dict[str, float] = field(default_factory=dict)  # % of the clean-correct images the attack fools
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     correct: dict[str, list[bool]] = field(default_factory=dict)
@@ -85,7 +86,7 @@ def _chunk_seed(base: int, *parts: Any) -> int:
     return int(digest([base, *parts])[:8], 16)
 
 
-def _check_budget(name: str, x: torch.Tensor, adv: torch.Tensor, eps: float, norm: str) -> None:
+def check_budget(name: str, x: torch.Tensor, adv: torch.Tensor, eps: float, norm: str) -> None:
     """Every attack, ours or the package's, must stay in budget: a violation is a bug, never a result."""
     d = (adv - x).flatten(1)
     size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
@@ -168,6 +169,7 @@ class Evaluation:
                     robust = clean & np.asarray(correct, dtype=bool)
                     result.correct[label] = robust.tolist()
                     result.accuracy[label] = float(robust.mean() * 100)
+                    result.success[label] = float((1 - robust.sum() / max(clean.sum(), 1)) * 100)
                     result.seconds[label] = seconds
                     if agree:
                         result.agreement[label] = float(np.mean(agree) * 100)
@@ -197,7 +199,7 @@ class Evaluation:
         start = time.perf_counter()
         self._seed(key, "craft")
         adv, warnings = row.craft(x, y, eps)
-        _check_budget(row.name, x, adv, eps, self.settings.norm)
+        check_budget(row.name, x, adv, eps, self.settings.norm)
         self._seed(key, "replay")
         pred = self.predict(adv)
         entry = {"correct": (pred == y.numpy()).tolist(), "agree": None, "warnings": warnings}
@@ -238,7 +240,7 @@ class Evaluation:
             x, y = self.x[:n], self.y[:n]
             self._seed(key, "craft")
             adv, _ = row.craft(x, y, SANITY_EPS)
-            _check_budget(row.name, x, adv, SANITY_EPS, self.settings.norm)
+            check_budget(row.name, x, adv, SANITY_EPS, self.settings.norm)
             self._seed(key, "replay")
             hit = {"attack": row.name, "eps": "64/255", "images": n}
             hit["accuracy"] = float((self.predict(adv) == y.numpy()).mean() * 100)

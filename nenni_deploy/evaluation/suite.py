@@ -95,6 +95,11 @@ def default_cs_layers(module: nn.Module) -> list[str]:
     return stages or list(nenni_layers(module)) or convs
 
 
+def every_layer(module: nn.Module) -> list[str]:
+    """PGD-CS "each layer in turn": every NENNI layer, else every convolution."""
+    return list(nenni_layers(module)) or [n for n, m in module.named_modules() if isinstance(m, nn.Conv2d)]
+
+
 def _with_gradient(model: TorchModel, via: str | None):
     return straight_through(model.module, via) if via else nullcontext()
 
@@ -160,6 +165,8 @@ def plan(
             rows.append(Row(f"eot-{settings.eot}", "adaptive", cfg, _pgd_craft(src, make), True))
         elif attack == "pgd-cs":
             layers = settings.cs_layers or default_cs_layers(src.module)
+            if layers == ["all"]:
+                layers = every_layer(src.module)
             if not layers:
                 skipped["pgd-cs"] = "no intermediate layer to attack (name one with --cs-layers)"
                 continue
