@@ -58,8 +58,11 @@ def main() -> None:
             if aa
             else "no AutoAttack"
         )
+        compute = sum(sum(a["seconds"].values()) for a in report["attacks"].values())
         print(
-            f"- {path.stem}: {report['data']['images']} images, {report['seconds']:.0f} s; PGD steps {s.get('steps')}, "
+            f"- {path.stem}: {report['data']['images']} images; attack time {compute:.0f} s (summed over its cached "
+            f"chunks, including earlier interrupted runs), last invocation {report['seconds']:.0f} s; "
+            f"PGD steps {s.get('steps')}, "
             f"restarts {s.get('restarts')}, EOT {eot[0] if eot else 'none (deterministic)'}, {aa_text}, "
             f"transfer steps {s.get('transfer_steps')}; attacks: {', '.join(report['attacks'])}; skipped: "
             + ("; ".join(f"{k} ({v})" for k, v in report["skipped"].items()) or "none")
