@@ -76,7 +76,7 @@ def _split(text: str | None) -> list[str] | None:
     "--surrogate",
     "surrogates",
     default=None,
-    help="Transfer surrogates: base (default for NENNI), a model DIR (DIR:dense for its base), ARCH=WEIGHTS.",
+    help="Surrogates besides base (always used for NENNI): a model DIR (DIR:dense for its base), ARCH=WEIGHTS.",
 )
 @click.option("--transfer-methods", default="pgd,mi-di", show_default=True, help="Of pgd, mifgsm, di, mi-di.")
 @click.option("--transfer-steps", type=click.IntRange(1), default=20, show_default=True)
