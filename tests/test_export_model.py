@@ -72,8 +72,9 @@ def test_parity_and_hygiene_for_every_granularity(granularity):
     assert {n.name for n in layers} == set(nenni_layers(model))  # named after the PyTorch modules
     used = {(n.op_type, n.overload) for n in layers}
     assert used == {(f.name, f.overload) for f in proto.functions}  # exactly the bodies it calls
-    assert {o for _, o in used} >= {f"{granularity}_signed"}
-    assert f"{granularity}_magnitude" in {o for _, o in used}  # the block's conv2 feeds the residual add
+    conv = "_k3x3" if granularity == "channel" else ""  # channel convolutions get the kernel-specific body
+    assert (ops.LINEAR, f"{granularity}_signed") in used
+    assert (ops.CONV, f"{granularity}_magnitude{conv}") in used  # the block's conv2 feeds the residual add
     y = run(proto, X)
     expected = torch_logits(model)
     np.testing.assert_allclose(y, expected, atol=1e-4, rtol=1e-4)
@@ -264,3 +265,29 @@ def test_random_conv_nets_export_with_parity(depth, width, kernel, stride, dilat
     with torch.no_grad():
         expected = net(x).numpy()
     np.testing.assert_allclose(y, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lowering", ["masked", "auto"])
+def test_channel_lowerings_give_the_same_model(lowering):
+    model, card, skip = exported("channel")
+    options = ExportOptions(channel_lowering=lowering, tune_batch=2)
+    result = build_onnx(model, card, TINY_SHAPE, options)
+    meta = graph.read_metadata(result.proto)
+    overloads = json.loads(meta["nenni.overloads"])
+    convs = [n.name for n in graph.nenni_nodes(result.proto, (ops.CONV,))]
+    if lowering == "masked":
+        assert all(overloads[name].endswith("_masked") for name in convs)
+    else:
+        tuning = json.loads(meta["nenni.tuning"])
+        assert tuning["batch"] == 2 and [t["name"] for t in tuning["layers"]] == convs
+        for t in tuning["layers"]:
+            faster = "skip" if t["skip_ms"] <= t["masked_ms"] else "masked"
+            assert overloads[t["name"]].endswith("_masked") == (faster == "masked")
+            assert t["input_shape"][0] == 2
+    np.testing.assert_allclose(run(result.proto, X), run(skip.proto, X), atol=2e-5, rtol=1e-5)
+
+
+def test_channel_lowering_is_validated():
+    model, card, _ = exported("channel")
+    with pytest.raises(NenniError, match="--channel-lowering"):
+        build_onnx(model, card, TINY_SHAPE, ExportOptions(channel_lowering="fast"))

@@ -36,7 +36,7 @@ def make_layer(kind, granularity, rank, *, cin=6, n=16, k=4, kernel=3, stride=1,
     return layer.eval()
 
 
-def layer_model(layer: NenniLayer, opset: int = OPSET, outputs=("Y", "M")) -> onnx.ModelProto:
+def layer_model(layer: NenniLayer, opset: int = OPSET, outputs=("Y", "M"), tap_slices: bool = False) -> onnx.ModelProto:
     """One NenniConv / NenniLinear node with its tensors as initializers and its function body attached."""
     c, s = layer.exact, layer.spec
     tensors = {
@@ -61,7 +61,8 @@ def layer_model(layer: NenniLayer, opset: int = OPSET, outputs=("Y", "M")) -> on
     )
     op_type = ops.CONV if layer.is_conv else ops.LINEAR
     node = helper.make_node(op_type, ["X", *tensors], list(outputs), domain=ops.DOMAIN, **attrs)
-    node.overload = ops.overload_name(s.granularity, s.rank)
+    kernel = tuple(c.kernel_size) if tap_slices and layer.is_conv else None
+    node.overload = ops.overload_name(s.granularity, s.rank, kernel)
     x_shape = ["batch", c.in_channels, "h", "w"] if layer.is_conv else ["batch", c.in_features]
     outs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None] * len(x_shape))]
     if "M" in outputs:
@@ -117,6 +118,27 @@ def test_function_body_matches_the_pytorch_layer(kind, granularity, rank, geomet
     assert y.shape == tuple(expected.shape)
     np.testing.assert_array_equal(mask, expected_mask.numpy())
     np.testing.assert_allclose(y, expected.numpy(), atol=2e-5, rtol=1e-5)
+
+
+CHANNEL_CONV_CASES = [c for c in CASES if c[0] == "conv" and c[1] == "channel"]
+
+
+@pytest.mark.parametrize(("kind", "granularity", "rank", "geometry"), CHANNEL_CONV_CASES)
+def test_kernel_specific_channel_body_matches_the_pytorch_layer(kind, granularity, rank, geometry):
+    """The tap-slice body (what the exporter attaches when it knows the kernel) against PyTorch, on strides,
+    paddings, dilations and kernels where a slice end counted from the axis end would go wrong if miscounted."""
+    layer = make_layer(kind, granularity, rank, **geometry)
+    model = layer_model(layer, tap_slices=True)
+    assert model.functions[0].overload.endswith(f"_k{layer.exact.kernel_size[0]}x{layer.exact.kernel_size[1]}")
+    assert "Slice" in {n.op_type for n in model.functions[0].node}
+    onnx.checker.check_model(model, full_check=True)
+    for shape in [(5, 6, 9, 11), (1, 6, 8, 8), (3, 6, 10, 7)]:
+        x = torch.randn(*shape)
+        y, mask = session(model).run(None, {"X": x.numpy()})
+        with torch.no_grad():
+            expected = layer(x)
+        np.testing.assert_array_equal(mask, select(layer.predict(x), layer.spec).numpy())
+        np.testing.assert_allclose(y, expected.numpy(), atol=2e-5, rtol=1e-5)
 
 
 def test_shape_inference_through_the_registered_schema():
@@ -244,3 +266,23 @@ def test_layer_attributes_are_validated():
         ops.layer_attributes(**{**base, "k": 0})
     with pytest.raises(ValueError, match="nm"):
         ops.layer_attributes(**{**base, "nm": (4, 4)})
+
+
+@pytest.mark.parametrize(("kind", "granularity", "rank", "geometry"), [c for c in CASES if c[1] == "channel"])
+def test_masked_channel_body_matches_the_pytorch_layer(kind, granularity, rank, geometry):
+    """The masked lowering (dense exact layer, then select) gives the skipping body's outputs and mask."""
+    layer = make_layer(kind, granularity, rank, **geometry)
+    model = layer_model(layer)
+    node = model.graph.node[0]
+    node.overload = ops.overload_name(granularity, rank, lowering="masked")
+    del model.functions[:]
+    model.functions.append(ops.function_for_node(node, OPSET))
+    body = model.functions[0]
+    assert body.overload.endswith("_masked")
+    assert any(n.op_type in ("Conv", "Gemm") and "W" in n.input for n in body.node)  # dense exact layer
+    onnx.checker.check_model(model, full_check=True)
+    x = torch.randn(5, 6, 9, 11) if kind == "conv" else torch.randn(5, 6)
+    y, mask = session(model).run(None, {"X": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_array_equal(mask, select(layer.predict(x), layer.spec).numpy())
+        np.testing.assert_allclose(y, layer(x).numpy(), atol=2e-5, rtol=1e-5)

@@ -45,7 +45,10 @@ def test_resnet20_channel_export_matches_pytorch(resnet20_channel_noise, cifar_t
     model, _, result = resnet20_channel_noise
     proto = result.proto
     assert len(graph.nenni_nodes(proto, ops.LAYER_OPS)) == 18 and len(graph.nenni_nodes(proto, (ops.NOISE,))) == 18
-    assert {f.overload for f in proto.functions if f.name == ops.CONV} == {"channel_signed", "channel_magnitude"}
+    assert {f.overload for f in proto.functions if f.name == ops.CONV} == {
+        "channel_signed_k3x3",
+        "channel_magnitude_k3x3",
+    }
     x, y = cifar_test
     report = check_parity(model, check_proto(proto), x, y, batch_size=128)
     assert report.agreement >= 99.2, report  # at most one flip in 128

@@ -100,6 +100,28 @@ def parity_failure(report, min_agreement: float) -> str | None:
     default=None,
     help="CIFAR-10 folder for the check (else $NENNI_DATA_DIR).",
 )
+@click.option(
+    "--channel-lowering",
+    type=click.Choice(["skip", "masked", "auto"]),
+    default="skip",
+    show_default=True,
+    help="Channel layers in ORT: compute only the essential filters (skip), the dense convolution then select "
+    "(masked; same outputs), or time both per layer and keep the faster (auto).",
+)
+@click.option(
+    "--tune-batch",
+    type=click.IntRange(1, 4096),
+    default=1,
+    show_default=True,
+    help="Batch size --channel-lowering auto times layers at.",
+)
+@click.option(
+    "--tune-threads",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="ORT threads --channel-lowering auto times layers with (as in deployment).",
+)
 @click.option("--threads", type=click.IntRange(1, 256), default=None, help="Threads for the check.")
 @json_option()
 def command(
@@ -114,6 +136,9 @@ def command(
     noise_seed,
     no_noise,
     data_dir,
+    channel_lowering,
+    tune_batch,
+    tune_threads,
     threads,
     json_path,
 ):
@@ -127,7 +152,16 @@ def command(
     apply_threads(threads)
     model, card = load_nenni_model(model_dir)
     info = model_info(card["arch"])
-    options = ExportOptions(target=target, opset=opset, dense=dense, noise=not no_noise, noise_seed=noise_seed)
+    options = ExportOptions(
+        target=target,
+        opset=opset,
+        dense=dense,
+        noise=not no_noise,
+        noise_seed=noise_seed,
+        channel_lowering=channel_lowering,
+        tune_batch=tune_batch,
+        tune_threads=tune_threads,
+    )
     exported = build_onnx(model, card, info.input_shape, options)
     summary = {"model_dir": str(model_dir), "out": str(out), **options.__dict__, "stats": exported.stats}
     report = None
@@ -143,6 +177,8 @@ def command(
     result = export_to_file(model, card, info.input_shape, out, options, external_data=external_data, exported=exported)
     load_onnx_checked(out, require_functions=target == "ort")  # the written file reads back
     stats = result.stats
+    if target == "tensorrt":  # build_onnx refused the export otherwise
+        click.echo("TensorRT check: every node is a native TensorRT op or resolves to a nenni:: plugin")
     click.echo(
         f"wrote {', '.join(map(str, result.files))} ({_mb(result.bytes)}); target {target}, opset {opset}, "
         f"{'dense' if dense else 'NENNI'}; export {result.seconds:.2f} s"

@@ -16,8 +16,18 @@ from typing import Any
 import click
 
 from ..errors import NenniError
-from .options import apply_threads, data_options, json_option, pop_train_config, training_options, write_json_atomic
-from .train import check_data_fits, check_writable_dir, epoch_line
+from .options import (
+    apply_threads,
+    data_options,
+    json_option,
+    method_options,
+    pgd_validation,
+    pop_method,
+    pop_train_config,
+    training_options,
+    write_json_atomic,
+)
+from .train import check_data_fits, check_writable_dir, epoch_line, init_distributed
 
 TRAIN_SUBDIR = "train"
 STATS_IMAGES = 1024  # training images used to re-measure the fit statistics after training
@@ -27,6 +37,7 @@ STATS_IMAGES = 1024  # training images used to re-measure the fit statistics aft
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @data_options(default=None)
 @training_options(epochs=2, lr=0.01)
+@method_options()
 @click.option(
     "--train",
     "trainable",
@@ -50,15 +61,21 @@ def command(
 ):
     """Fine-tune the NENNI model in MODEL_DIR with the NENNI forward pass; write the result to --out.
 
-    Checkpoints, metrics.jsonl and curves.png live in OUT/train (continue with --resume).
+    Checkpoints, metrics.jsonl and curves.png live in OUT/train (continue with --resume); `torchrun` runs it
+    data-parallel like `nenni train`. With an
+    adversarial --method the attack runs through the NENNI forward pass, masks included (or through BPDA
+    with --attack-via exact|approx), and the best epoch is the one with the highest PGD validation accuracy.
     """
+    import dataclasses
+
     from ..data import load_dataset
     from ..models import model_info
     from ..nenni.config import NenniConfig
     from ..nenni.io import load_nenni_model
     from ..nenni.layers import nenni_layers, set_mode
-    from ..training import Standard, measure_fit, train
+    from ..training import measure_fit, train
     from ..training.checkpoint import load_model
+    from ..training.methods import method_record
     from ..training.refit import calibration_batches
 
     if eval_n is not None and eval_n < 1:
@@ -73,6 +90,10 @@ def command(
         refit_ridge=nenni_config.ridge,
     )
     apply_threads(config.threads)
+    rank = init_distributed()
+    method, validation = pop_method(options, model, config.label_smoothing)
+    if validation["n"]:
+        config = dataclasses.replace(config, best_metric="pgd_acc")
     arch = card["arch"]
     info = model_info(arch)
     data_name = data_name or card.get("metrics", {}).get("data") or info.dataset
@@ -95,8 +116,8 @@ def command(
 
     start = time.perf_counter()
     before = {"nenni_accuracy": evaluate("nenni"), "exact_accuracy": evaluate("exact")}
-    click.echo(f"before: NENNI {before['nenni_accuracy']:.2f} %  exact {before['exact_accuracy']:.2f} %")
-    method = Standard(label_smoothing=config.label_smoothing)
+    if rank == 0:
+        click.echo(f"before: NENNI {before['nenni_accuracy']:.2f} %  exact {before['exact_accuracy']:.2f} %")
     result = train(
         model,
         train_set.x,
@@ -104,10 +125,13 @@ def command(
         config,
         run_dir,
         method=method,
+        validators=pgd_validation(validation, train_set.x, train_set.y, config),
         resume=resume,
         progress=progress,
         on_epoch=lambda r: click.echo(epoch_line(r, config.epochs)),
     )
+    if rank != 0:
+        return  # rank 0 measures, evaluates and writes the model directory
     if result.resumed_from is not None:
         click.echo(f"resumed after epoch {result.resumed_from} from {run_dir}")
     load_model(result.best_path, model)
@@ -121,11 +145,14 @@ def command(
         "source": str(model_dir),
         "data": data_name,
         "method": method.name,
+        "method_settings": method_record(method),
         "trainable": trainable,
         "epochs": result.epoch,
         "steps": result.step,
         "best_epoch": result.best_epoch,
-        "best_val_accuracy": result.best_value,
+        "best_metric": config.best_metric,
+        "best_value": result.best_value,
+        "best_val_accuracy": result.best_value if config.best_metric == "val_acc" else None,
         "nenni_accuracy_before": before["nenni_accuracy"],
         "exact_accuracy_before": before["exact_accuracy"],
         "nenni_accuracy_after": after["nenni_accuracy"],

@@ -171,3 +171,129 @@ def pop_train_config(kwargs: dict[str, Any], **settings: Any):
 
     values = {name: kwargs.pop(name) for name in TRAIN_OPTION_FIELDS}
     return TrainConfig(**values, **settings)
+
+
+def parse_budget(value: str | float | None, option: str) -> float | None:
+    """'8/255' or '0.0314' -> float; a malformed value is a one-line error naming the option."""
+    if value is None or isinstance(value, float):
+        return value
+    try:
+        if "/" in value:
+            num, den = value.split("/", 1)
+            return float(num) / float(den)
+        return float(value)
+    except (ValueError, ZeroDivisionError):
+        raise NenniError(f"{option} must be a number or a fraction like 8/255, got {value!r}") from None
+
+
+# Options of `method_options`, taken out of a command's kwargs by `pop_method`.
+METHOD_OPTION_FIELDS = (
+    "method",
+    "eps",
+    "attack_steps",
+    "attack_alpha",
+    "beta",
+    "slim",
+    "slim_layers",
+    "attack_via",
+    "val_pgd_n",
+    "val_pgd_steps",
+)
+
+
+def method_options():
+    """The training method (nenni_deploy.training.methods) and the PGD validation that picks the best epoch."""
+    from ..training.methods import METHODS, VIAS
+
+    return _compose(
+        click.option(
+            "--method",
+            type=click.Choice(METHODS),
+            default="standard",
+            show_default=True,
+            help="pgd: PGD-AT (Madry); fast: FGSM with random start (Wong et al.); trades; mart.",
+        ),
+        click.option("--eps", default="8/255", show_default=True, help="Linf budget in [0, 1] pixel units."),
+        click.option("--attack-steps", type=int, default=None, help="PGD steps while training (default 10; fast: 1)."),
+        click.option("--attack-alpha", default=None, help="Step size (default eps/4; fast: 1.25 eps)."),
+        click.option("--beta", type=float, default=6.0, show_default=True, help="TRADES / MART robust-loss weight."),
+        click.option(
+            "--slim/--no-slim",
+            default=False,
+            show_default=True,
+            help="SLIM: the attack adds lambda*(1-cos) of a random layer's features, lambda ~ U(-1, 1) per batch.",
+        ),
+        click.option(
+            "--slim-layers",
+            default="auto",
+            show_default=True,
+            help="Comma-separated layer names or fnmatch patterns SLIM draws from; auto: the residual blocks.",
+        ),
+        click.option(
+            "--attack-via",
+            type=click.Choice(VIAS),
+            default="nenni",
+            show_default=True,
+            help="NENNI models: attack through the NENNI forward pass, or BPDA via the exact layers / approximators.",
+        ),
+        click.option(
+            "--val-pgd-n",
+            type=int,
+            default=None,
+            help="Validation images attacked with PGD after each evaluation; the best checkpoint is chosen on that "
+            "accuracy (default: 500 for adversarial methods, 0 = off, for standard).",
+        ),
+        click.option("--val-pgd-steps", type=int, default=10, show_default=True, help="PGD steps of that validation."),
+    )
+
+
+def pop_method(kwargs: dict[str, Any], model, label_smoothing: float = 0.0) -> tuple[Any, dict[str, Any]]:
+    """Take the `method_options` values out of kwargs; return the method and the PGD validation settings.
+
+    Checked here, before any file is written: a bad value is a one-line error.
+    """
+    from ..training.methods import make_method, resolve_slim_layers
+
+    values = {name: kwargs.pop(name) for name in METHOD_OPTION_FIELDS}
+    eps = parse_budget(values["eps"], "--eps")
+    alpha = parse_budget(values["attack_alpha"], "--attack-alpha")
+    slim_layers: list[str] = []
+    if values["slim"]:
+        patterns = [p.strip() for p in values["slim_layers"].split(",") if p.strip()]
+        slim_layers = resolve_slim_layers(model, patterns or ["auto"])
+    method = make_method(
+        values["method"],
+        eps=eps,
+        steps=values["attack_steps"],
+        alpha=alpha,
+        beta=values["beta"],
+        slim_layers=slim_layers,
+        via=values["attack_via"],
+        label_smoothing=label_smoothing,
+    )
+    adversarial = values["method"] != "standard"
+    n = values["val_pgd_n"] if values["val_pgd_n"] is not None else (500 if adversarial else 0)
+    if n < 0:
+        raise NenniError(f"--val-pgd-n must be >= 0, got {n}")
+    if values["val_pgd_steps"] < 1:
+        raise NenniError(f"--val-pgd-steps must be >= 1, got {values['val_pgd_steps']}")
+    if not 0 < eps <= 1:
+        raise NenniError(f"--eps must be in (0, 1], got {values['eps']}")
+    validation = {"n": n, "steps": values["val_pgd_steps"], "eps": eps, "via": values["attack_via"]}
+    return method, validation
+
+
+def pgd_validation(validation: dict[str, Any], x, y, config) -> list:
+    """The PGD validator on the first n images of the loop's own held-out split (same seed, same split)."""
+    from ..attacks import PGD
+    from ..training import pgd_validator, split_indices
+
+    if not validation["n"]:
+        return []
+    if config.val_split <= 0:
+        raise NenniError("--val-pgd-n needs a validation split (--val-split > 0)")
+    _, val_idx = split_indices(len(x), config.val_split, config.seed)
+    val_idx = val_idx[: validation["n"]]
+    eps, steps = validation["eps"], validation["steps"]
+    attack = PGD(eps=eps, steps=steps, alpha=max(eps / 4, 2.5 * eps / steps))
+    return [pgd_validator(x[val_idx], y[val_idx], attack, config.eval_batch_size, via=validation["via"])]

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,9 @@ import torch
 from torch import nn
 
 from ..errors import NenniError
+from ..nenni.cost import cost_report
 from ..nenni.layers import NenniLayer, ScaledConv2d, ScaledLinear, nenni_layers
-from . import graph, ops
+from . import graph, ops, tensorrt_check, tune
 from . import torch_ops as _torch_ops  # noqa: F401  (registers the custom ops)
 
 TARGETS = ("ort", "tensorrt")
@@ -43,6 +45,11 @@ class ExportOptions:
     dense: bool = False  # the base model of the same weights (every NENNI layer exact)
     noise: bool = True  # False: leave out NenniNoise (the deterministic part of a noise model)
     noise_seed: int | None = None  # None: fresh noise in every session
+    # Channel layers in ORT: "skip" computes only the essential filters; "masked" the dense convolution, then
+    # selects (same outputs); or a map from layer name to one of them (what `nenni export --tune` chose).
+    channel_lowering: str | dict[str, str] = "skip"  # or "auto": time both per layer (`tune`), keep the faster
+    tune_batch: int = 1
+    tune_threads: int = 1
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -51,6 +58,13 @@ class ExportOptions:
             raise NenniError(f"--opset must be in [{MIN_OPSET}, {MAX_OPSET}], got {self.opset}")
         if self.noise_seed is not None and not 0 <= self.noise_seed <= ops.MAX_SEED:
             raise NenniError(f"--noise-seed must be in [0, {ops.MAX_SEED}], got {self.noise_seed}")
+        choices = self.channel_lowering.values() if isinstance(self.channel_lowering, dict) else [self.channel_lowering]
+        allowed = (*ops.CHANNEL_LOWERINGS, "auto")
+        for choice in choices:
+            if choice not in allowed or (choice == "auto" and isinstance(self.channel_lowering, dict)):
+                raise NenniError(
+                    f"--channel-lowering must be one of {', '.join(ops.CHANNEL_LOWERINGS)}, got {choice!r}"
+                )
 
 
 @dataclass
@@ -191,12 +205,43 @@ def build_onnx(
     proto = tidy(traced)
     graph.trim_unused_outputs(proto)
     graph.name_nenni_nodes(proto)
-    graph.shape_for_target(proto, options.target, options.opset)
+    tuning = None
+    if options.channel_lowering == "auto" and options.target == "ort" and not options.dense:
+        graph.shape_for_target(proto, options.target, options.opset, _lowerings(proto, "skip"))
+        tuning = tune.tune_channel_lowerings(proto, batch=options.tune_batch, threads=options.tune_threads)
+        lowerings = {t.name: t.choice for t in tuning}
+    else:
+        lowerings = _lowerings(proto, "skip" if options.channel_lowering == "auto" else options.channel_lowering)
+    graph.shape_for_target(proto, options.target, options.opset, lowerings)
     graph.document_io(proto, input_shape)
-    graph.set_metadata(proto, graph.metadata_for(card, options, proto))
+    metadata = graph.metadata_for(card, options, proto)
+    metadata["nenni.cost"] = json.dumps(_cost_totals(model, input_shape, dense=options.dense), sort_keys=True)
+    metadata["nenni.overloads"] = json.dumps({n.name: n.overload for n in graph.nenni_nodes(proto, ops.LAYER_OPS)})
+    if tuning is not None:
+        metadata["nenni.tuning"] = json.dumps(
+            {"batch": options.tune_batch, "threads": options.tune_threads, "layers": [asdict(t) for t in tuning]}
+        )
+    graph.set_metadata(proto, metadata)
     graph.check(proto)
+    if options.target == "tensorrt":
+        tensorrt_check.check_tensorrt_graph(proto, "the TensorRT-target export")
     seconds = time.perf_counter() - start
     return ExportedModel(proto, seconds, graph.node_counts(proto))
+
+
+def _lowerings(proto: onnx.ModelProto, choice: str | dict[str, str]) -> dict[str, str]:
+    if isinstance(choice, dict):
+        return dict(choice)
+    return {n.name: choice for n in graph.nenni_nodes(proto, ops.LAYER_OPS)}
+
+
+def _cost_totals(model: nn.Module, input_shape: tuple[int, ...], *, dense: bool) -> dict[str, float]:
+    """Per-image MACs and BitOPs of what the file computes, for `nenni bench`'s ideal speedups."""
+    t = cost_report(model, tuple(input_shape))["totals"]
+    if dense:  # a dense export computes every layer exactly
+        t.update(macs_nenni=t["macs_dense"], bitops_nenni=t["bitops_dense"], mac_reduction=0.0, bitops_reduction=0.0)
+        t.update(mac_ideal_speedup=1.0, bitops_ideal_speedup=1.0)
+    return {k: float(v) for k, v in t.items()}
 
 
 @dataclass

@@ -95,20 +95,30 @@ def _attr(node: NodeProto, name: str, default=None):
     return default
 
 
-def layer_overload(node: NodeProto) -> str:
-    return ops.overload_name(_attr(node, "granularity"), _attr(node, "rank", "signed"))
+def layer_overload(node: NodeProto, proto: ModelProto | None = None, lowering: str = "skip") -> str:
+    """The node's function overload; channel convolutions get the kernel-specific body when the weight is an
+    initializer of known shape."""
+    kernel = None
+    if proto is not None and node.op_type == ops.CONV:
+        weight = next((t for t in proto.graph.initializer if t.name == node.input[1]), None)
+        if weight is not None and len(weight.dims) == 4:
+            kernel = tuple(weight.dims[2:])
+    return ops.overload_name(_attr(node, "granularity"), _attr(node, "rank", "signed"), kernel, lowering)
 
 
 def model_opset(proto: ModelProto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def attach_functions(proto: ModelProto) -> None:
+def attach_functions(proto: ModelProto, lowerings: dict[str, str] | None = None) -> None:
     """ORT form: every NENNI node names its body (overload) and the model carries exactly the bodies it calls."""
     opset = model_opset(proto)
     for node in nenni_nodes(proto):
         _remove_attrs(node, ops.PLUGIN_ATTRIBUTES)
-        node.overload = layer_overload(node) if node.op_type in ops.LAYER_OPS else ""
+        if node.op_type == ops.NOISE and _attr(node, "seed", 0.0) < 0:
+            _remove_attrs(node, ("seed",))  # the TensorRT form's "unseeded" marker; ORT seeds itself without one
+        lowering = (lowerings or {}).get(node.name, "skip")
+        node.overload = layer_overload(node, proto, lowering) if node.op_type in ops.LAYER_OPS else ""
     _drop_nenni_functions(proto)
     seen: dict[tuple[str, str], NodeProto] = {}
     for node in nenni_nodes(proto):
@@ -120,7 +130,8 @@ def attach_functions(proto: ModelProto) -> None:
 
 def mark_plugins(proto: ModelProto) -> None:
     """TensorRT form: plugin attributes on every NENNI node and no local function of the same name, because
-    TensorRT's parser resolves a local function before a plugin."""
+    TensorRT's parser resolves a local function before a plugin. Noise nodes always carry `seed` (the plugin's
+    attribute list is fixed; `ops.UNSEEDED` stands for none)."""
     for node in nenni_nodes(proto):
         _remove_attrs(node, ops.PLUGIN_ATTRIBUTES)
         node.attribute.extend(
@@ -129,6 +140,8 @@ def mark_plugins(proto: ModelProto) -> None:
                 helper.make_attribute("plugin_version", ops.PLUGIN_VERSION),
             ]
         )
+        if node.op_type == ops.NOISE and _attr(node, "seed") is None:
+            node.attribute.append(helper.make_attribute("seed", ops.UNSEEDED))
         node.overload = ""
     _drop_nenni_functions(proto)
 
@@ -145,11 +158,12 @@ def _drop_nenni_functions(proto: ModelProto) -> None:
     proto.functions.extend(keep)
 
 
-def shape_for_target(proto: ModelProto, target: str, opset: int) -> None:
+def shape_for_target(proto: ModelProto, target: str, opset: int, lowerings: dict[str, str] | None = None) -> None:
+    """`lowerings` maps NENNI node names to a channel lowering ("skip" unless named)."""
     if model_opset(proto) != opset:
         raise NenniError(f"the exporter wrote opset {model_opset(proto)} instead of {opset}")
     if target == "ort":
-        attach_functions(proto)
+        attach_functions(proto, lowerings)
     elif target == "tensorrt":
         mark_plugins(proto)
     else:

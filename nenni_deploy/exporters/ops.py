@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import onnx
 from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper
@@ -55,6 +56,9 @@ NOISE_MODES = ("gaussian",)
 PLUGIN_NAMESPACE = "nenni"
 PLUGIN_VERSION = "1"
 PLUGIN_ATTRIBUTES = ("plugin_namespace", "plugin_version")
+# A TensorRT plugin's attributes are fixed at registration, so an unseeded noise node still carries `seed`,
+# with this value meaning "no seed": the plugin then draws one per engine load.
+UNSEEDED = -1.0
 
 # ONNX Runtime reads the RandomNormalLike seed as a float: keep seeds exactly representable.
 MAX_SEED = 2**24 - 1
@@ -134,7 +138,9 @@ def _noise_schema() -> OpSchema:
             _default("mode", "gaussian", "noise distribution"),
             _default("scale", 1.0, "standard deviation as a multiple of residual_rms"),
             _default("residual_rms", 1.0, "the layer's measured residual RMS of the prediction"),
-            OpSchema.Attribute("seed", _A.FLOAT, "seed (integer valued); absent: fresh seed", required=False),
+            OpSchema.Attribute(
+                "seed", _A.FLOAT, "seed (integer valued); absent or negative: fresh seed", required=False
+            ),
             OpSchema.Attribute("plugin_namespace", _A.STRING, "TensorRT plugin namespace", required=False),
             OpSchema.Attribute("plugin_version", _A.STRING, "TensorRT plugin version", required=False),
         ],
@@ -223,13 +229,42 @@ def _infer_same(ctx) -> None:
 
 
 # -- node attributes --------------------------------------------------------------------------------------------
-def overload_name(granularity: str, rank: str) -> str:
-    """Which function body implements a layer node: one per (granularity, rank)."""
+CHANNEL_LOWERINGS = ("skip", "masked")
+
+
+def overload_name(granularity: str, rank: str, kernel: Sequence[int] | None = None, lowering: str = "skip") -> str:
+    """Which function body implements a layer node: one per (granularity, rank), and for channel convolutions
+    whose kernel size is known, one per kernel size (`channel_signed_k3x3`): that body cuts its patches with
+    one strided Slice per kernel tap instead of a Gather over computed offsets, several times faster in ORT.
+    `lowering="masked"` picks the channel body that computes the exact layer densely (a prepacked convolution)
+    and selects: the same outputs, no skipping, faster in ORT on CPU where explicit patches cost more than the
+    whole dense convolution."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}")
     if rank not in RANKS:
         raise ValueError(f"unknown rank {rank!r}")
+    if lowering not in CHANNEL_LOWERINGS:
+        raise ValueError(f"unknown channel lowering {lowering!r}")
+    if lowering == "masked" and granularity == "channel":
+        return f"{granularity}_{rank}_masked"
+    if kernel is not None and granularity == "channel":
+        kh, kw = (int(v) for v in kernel)
+        if kh < 1 or kw < 1:
+            raise ValueError(f"kernel must be positive, got {list(kernel)}")
+        return f"{granularity}_{rank}_k{kh}x{kw}"
     return f"{granularity}_{rank}"
+
+
+def lowering_of_overload(overload: str) -> str:
+    return "masked" if overload.endswith("_masked") else "skip"
+
+
+def kernel_of_overload(overload: str) -> tuple[int, int] | None:
+    tail = overload.rsplit("_", 1)[-1]
+    if tail.startswith("k") and "x" in tail:
+        kh, kw = tail[1:].split("x")
+        return int(kh), int(kw)
+    return None
 
 
 def layer_attributes(
@@ -275,33 +310,70 @@ def noise_attributes(*, scale: float, residual_rms: float, seed: int | None) -> 
     return attrs
 
 
+@dataclass(frozen=True)
+class PluginSpec:
+    """What a TensorRT plugin for one op expects: its registered id, inputs, outputs and attributes (name -> kind:
+    str, int, float or ints). The exporter's `--target tensorrt` nodes, the static checker and the plugin
+    definitions in `runtime.tensorrt.plugins` all read this one table."""
+
+    op_type: str
+    inputs: int
+    outputs: int
+    attributes: dict[str, str]
+
+    @property
+    def plugin_id(self) -> str:
+        return f"{PLUGIN_NAMESPACE}::{self.op_type}"
+
+
+_LAYER_PLUGIN_ATTRIBUTES = {
+    "granularity": "str",
+    "rank": "str",
+    "k": "int",
+    "ratio": "float",
+    "nm": "ints",
+    "threshold": "float",
+}
+PLUGIN_SPECS = {
+    CONV: PluginSpec(CONV, 6, 2, {**_LAYER_PLUGIN_ATTRIBUTES, "strides": "ints", "pads": "ints", "dilations": "ints"}),
+    LINEAR: PluginSpec(LINEAR, 6, 2, dict(_LAYER_PLUGIN_ATTRIBUTES)),
+    NOISE: PluginSpec(NOISE, 2, 1, {"mode": "str", "scale": "float", "residual_rms": "float", "seed": "float"}),
+}
+
+
 def layer_seed_for_noise(seed: int, index: int) -> int:
     """One noise stream per layer: nodes sharing a seed would draw identical noise."""
     return (int(seed) * 1000003 + 7919 * (index + 1)) % (MAX_SEED + 1)
 
 
 # -- function bodies --------------------------------------------------------------------------------------------
+# Stages of a layer body. Node names start with their stage, so that an operator profile (ONNX Runtime keeps
+# these names, prefixed by the calling node, when it inlines a function) splits time into the NENNI parts.
+STAGES = ("project", "approximate", "select", "exact", "fill", "noise")
+
+
 class _Body:
-    """Collects the nodes of one function body; every call returns fresh value names."""
+    """Collects the nodes of one function body; every call returns fresh value names and a node name that
+    starts with the current stage (`stage = ...` before each part)."""
 
     def __init__(self) -> None:
         self.nodes: list[NodeProto] = []
         self._count = 0
+        self.stage = "select"
 
     def __call__(self, op_type: str, *inputs: str, outputs: int | Sequence[str] = 1, refs=None, **attrs):
+        self._count += 1
+        # Stage-prefixed value names too: ORT names nodes it creates (NCHWc convolutions) after their outputs.
+        base = f"{self.stage}.{op_type.lower()}_{self._count}"
         if isinstance(outputs, int):
-            names = [self._fresh(op_type) for _ in range(outputs)]
+            names = [base] if outputs == 1 else [f"{base}_{i}" for i in range(outputs)]
         else:
             names = list(outputs)
-        node = helper.make_node(op_type, list(inputs), names, **attrs)
+        node = helper.make_node(op_type, list(inputs), names, name=f"{self.stage}.{op_type}_{self._count}", **attrs)
         for attr_name, (ref, attr_type) in (refs or {}).items():
             node.attribute.append(helper.make_attribute_ref(attr_name, attr_type, ref_attr_name=ref))
         self.nodes.append(node)
         return names[0] if len(names) == 1 else tuple(names)
-
-    def _fresh(self, hint: str) -> str:
-        self._count += 1
-        return f"_{hint.lower()}_{self._count}"
 
     def ints(self, values: Sequence[int]) -> str:
         return self("Constant", value_ints=list(values))
@@ -324,17 +396,19 @@ _GEOMETRY_REFS = {
 
 def _prediction(b: _Body, conv: bool, rank: str) -> tuple[str, str]:
     """(z~, ranking score): z~ = Wa (P x) + Ba, the score z~ or |z~|."""
+    b.stage = "project"
+    u = b("Conv", "X", "P", refs=_GEOMETRY_REFS) if conv else b("Gemm", "X", "P", transB=1)
+    b.stage = "approximate"
     if conv:
-        u = b("Conv", "X", "P", refs=_GEOMETRY_REFS)
-        wa = b("Unsqueeze", "Wa", b.ints([2, 3]))
-        pred = b("Conv", u, wa, "Ba")
+        pred = b("Conv", u, b("Unsqueeze", "Wa", b.ints([2, 3])), "Ba")
     else:
-        u = b("Gemm", "X", "P", transB=1)
         pred = b("Gemm", u, "Wa", "Ba", transB=1)
+    b.stage = "select"
     return pred, (b("Abs", pred) if rank == "magnitude" else pred)
 
 
 def _exact(b: _Body, conv: bool) -> str:
+    b.stage = "exact"
     if conv:
         return b("Conv", "X", "W", "B", refs=_GEOMETRY_REFS)
     return b("Gemm", "X", "W", "B", transB=1)
@@ -359,7 +433,12 @@ def _k(b: _Body) -> str:
     return b("Unsqueeze", b.ref("k", "int"), b.ints([0]))
 
 
-def _mask(b: _Body, score: str, granularity: str) -> str:
+def _mask(b: _Body, score: str, granularity: str, conv: bool = False) -> str:
+    if granularity == "channel":
+        channel_score = b("ReduceMean", score, b.ints([2, 3]), keepdims=0) if conv else score
+        _, idx = b("TopK", channel_score, _k(b), outputs=2, axis=1, largest=1, sorted=0)
+        mask = _scatter_mask(b, channel_score, idx, axis=1)  # (B, n)
+        return b("Expand", b("Unsqueeze", mask, b.ints([2, 3])), b("Shape", score)) if conv else mask
     if granularity == "element":
         _, idx = b("TopK", score, _k(b), outputs=2, axis=1, largest=1, sorted=1)
         return _scatter_mask(b, score, idx, axis=1)
@@ -379,8 +458,10 @@ def _mask(b: _Body, score: str, granularity: str) -> str:
 
 def _masked_body(b: _Body, conv: bool, granularity: str, rank: str) -> None:
     pred, score = _prediction(b, conv, rank)
-    mask = _mask(b, score, granularity)
-    b("Where", mask, _exact(b, conv), pred, outputs=["Y"])
+    mask = _mask(b, score, granularity, conv)
+    exact = _exact(b, conv)
+    b.stage = "fill"
+    b("Where", mask, exact, pred, outputs=["Y"])
     b("Identity", mask, outputs=["M"])
 
 
@@ -430,14 +511,87 @@ def _im2col(b: _Body) -> tuple[str, str]:
     return b("Reshape", patches, b("Concat", b.ints([0, -1]), length, axis=0)), length
 
 
+_BIG = 2**62  # a Slice end meaning "to the end"
+
+
+def _tap_columns(b: _Body, kernel: tuple[int, int]) -> str:
+    """Patches of X as (B, kh * kw * C_in, H_out, W_out), tap-major.
+
+    One strided Slice of the padded input per kernel tap. The end of each slice counts back from the end
+    of the axis, so its length is the convolution's output size whatever the input size, and every index
+    comes from attributes and constants: ONNX Runtime folds them all at load time.
+    """
+    kh, kw = kernel
+    pads, strides, dilations = b.ref("pads", "ints"), b.ref("strides", "ints"), b.ref("dilations", "ints")
+    padded = b("Pad", "X", pads, b("Constant", value_float=0.0), b.ints([2, 3]))
+    axes = b.ints([2, 3])
+    taps = []
+    for ty in range(kh):
+        for tx in range(kw):
+            start = b("Mul", dilations, b.ints([ty, tx]))
+            back = b("Mul", dilations, b.ints([ty - (kh - 1), tx - (kw - 1)]))  # <= 0; 0 on the last tap
+            end = b("Add", back, b.ints([_BIG if ty == kh - 1 else 0, _BIG if tx == kw - 1 else 0]))
+            taps.append(b("Slice", padded, start, end, axes, strides))
+    return b("Concat", *taps, axis=1) if len(taps) > 1 else taps[0]
+
+
+def _tap_rows(b: _Body, weight: str) -> str:
+    """A (rows, C_in, kh, kw) filter bank as (rows, kh * kw * C_in), in `_tap_columns`' order."""
+    return b("Reshape", b("Transpose", weight, perm=[0, 2, 3, 1]), b.ints([0, -1]))
+
+
+def _channel_conv_body(b: _Body, rank: str, kernel: tuple[int, int]) -> None:
+    """Channel convolution around one set of patches, shared by the projection and the exact path.
+
+    Patches (B, d, L) are cut once; the projection is P (k, d) times them, the prediction Wa u + Ba, the
+    channel scores its spatial mean; the K selected filters of each sample are gathered and multiplied with
+    the same patches; their outputs are scattered into the prediction. Dense convolutions with few output
+    channels (the projection: k = 2-8 here) cost ORT about as much as the full layer, which a shared
+    im2col avoids.
+    """
+    b.stage = "project"
+    patches = _tap_columns(b, kernel)  # (B, d, H_out, W_out)
+    out_shape = b("Shape", patches)
+    cols = b("Reshape", patches, b.ints([0, 0, -1]))  # (B, d, L)
+    u = b("MatMul", _tap_rows(b, "P"), cols)  # (B, k, L)
+    b.stage = "approximate"
+    pred = b("Add", b("MatMul", "Wa", u), b("Unsqueeze", "Ba", b.ints([1])))  # (B, n, L)
+    b.stage = "select"
+    score = b("Abs", pred) if rank == "magnitude" else pred
+    channel_score = b("ReduceMean", score, b.ints([2]), keepdims=0)  # (B, n)
+    # The set of channels is what matters, not their order: no sorting.
+    _, idx = b("TopK", channel_score, _k(b), outputs=2, axis=1, largest=1, sorted=0)
+    b.stage = "exact"
+    rows = b("Gather", _tap_rows(b, "W"), idx, axis=0)  # (B, K, d)
+    bias = b("Unsqueeze", b("Gather", "B", idx, axis=0), b.ints([2]))
+    exact = b("Add", b("MatMul", rows, cols), bias)  # (B, K, L)
+    b.stage = "fill"
+    index = b("Expand", b("Unsqueeze", idx, b.ints([2])), b("Shape", exact))
+    filled = b("ScatterElements", pred, index, exact, axis=1)
+    n = b("Shape", "W", start=0, end=1)
+    y_shape = b(
+        "Concat",
+        b("Slice", out_shape, b.ints([0]), b.ints([1])),
+        n,
+        b("Slice", out_shape, b.ints([2]), b.ints([4])),
+        axis=0,
+    )
+    b("Reshape", filled, y_shape, outputs=["Y"])
+    channel_mask = _scatter_mask(b, channel_score, idx, axis=1)
+    b("Expand", b("Unsqueeze", channel_mask, b.ints([2, 3])), y_shape, outputs=["M"])
+
+
 def _channel_body(b: _Body, conv: bool, rank: str) -> None:
+    """Channel granularity for any layer: im2col by Gather over computed offsets (any kernel, any shape)."""
     pred, score = _prediction(b, conv, rank)
     idx, channel_score = _channel_indices(b, score, conv)  # (B, K), (B, n)
+    b.stage = "exact"
     bias = b("Gather", "B", idx, axis=0)  # (B, K)
     if conv:
-        cols, length = _im2col(b)  # (B, d, L)
+        cols, _ = _im2col(b)  # (B, d, L)
         rows = b("Gather", b("Reshape", "W", b.ints([0, -1])), idx, axis=0)  # (B, K, d)
         exact = b("Add", b("MatMul", rows, cols), b("Unsqueeze", bias, b.ints([2])))  # (B, K, L)
+        b.stage = "fill"
         pred_shape = b("Shape", pred)
         flat_pred = b("Reshape", pred, b.ints([0, 0, -1]))  # (B, n, L)
         index = b("Expand", b("Unsqueeze", idx, b.ints([2])), b("Shape", exact))
@@ -448,6 +602,7 @@ def _channel_body(b: _Body, conv: bool, rank: str) -> None:
     else:
         rows = b("Gather", "W", idx, axis=0)  # (B, K, d)
         exact = b("Squeeze", b("MatMul", rows, b("Unsqueeze", "X", b.ints([2]))), b.ints([2]))
+        b.stage = "fill"
         b("ScatterElements", pred, idx, b("Add", exact, bias), axis=1, outputs=["Y"])
         b("Identity", _scatter_mask(b, channel_score, idx, axis=1), outputs=["M"])
 
@@ -457,13 +612,27 @@ def _layer_attribute_names(conv: bool, granularity: str) -> list[str]:
     return names + (["strides", "pads", "dilations"] if conv else [])
 
 
-def layer_function(op_type: str, granularity: str, rank: str, opset: int) -> FunctionProto:
-    """The model-local function implementing `op_type` for one (granularity, rank) overload."""
+def layer_function(
+    op_type: str,
+    granularity: str,
+    rank: str,
+    opset: int,
+    kernel: Sequence[int] | None = None,
+    lowering: str = "skip",
+) -> FunctionProto:
+    """The model-local function implementing `op_type` for one overload (see `overload_name`)."""
     if op_type not in LAYER_OPS:
         raise ValueError(f"{op_type!r} is not a NENNI layer op")
     conv = op_type == CONV
+    kernel = tuple(int(v) for v in kernel) if kernel is not None and conv and granularity == "channel" else None
+    lowering = lowering if granularity == "channel" else "skip"
     b = _Body()
-    if granularity == "channel":
+    if granularity == "channel" and lowering == "masked":
+        _masked_body(b, conv, granularity, rank)
+        kernel = None
+    elif granularity == "channel" and kernel is not None:
+        _channel_conv_body(b, rank, kernel)
+    elif granularity == "channel":
         _channel_body(b, conv, rank)
     else:
         _masked_body(b, conv, granularity, rank)
@@ -476,12 +645,13 @@ def layer_function(op_type: str, granularity: str, rank: str, opset: int) -> Fun
         [helper.make_opsetid("", opset)],
         attributes=_layer_attribute_names(conv, granularity),
         doc_string=f"{op_type} ({granularity}, {rank} ranking) in standard ONNX ops",
-        overload=overload_name(granularity, rank),
+        overload=overload_name(granularity, rank, kernel, lowering),
     )
 
 
 def noise_function(opset: int) -> FunctionProto:
     b = _Body()
+    b.stage = "noise"
     # scale=1 always: RandomNormalLike with scale 0 aborts ONNX Runtime; the std multiplies afterwards.
     draw = b("RandomNormalLike", "Y", mean=0.0, scale=1.0, refs={"seed": ("seed", AttributeProto.FLOAT)})
     std = b("Mul", b.ref("scale", "float"), b.ref("residual_rms", "float"))
@@ -505,7 +675,10 @@ def function_for_node(node: NodeProto, opset: int) -> FunctionProto:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     granularity = _text(attrs.get("granularity"))
     rank = _text(attrs.get("rank", b"signed"))
-    return layer_function(node.op_type, granularity, rank, opset)
+    overload = node.overload
+    return layer_function(
+        node.op_type, granularity, rank, opset, kernel_of_overload(overload), lowering_of_overload(overload)
+    )
 
 
 def _text(value) -> str:

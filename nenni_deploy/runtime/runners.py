@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import NenniError
 from .loading import InputSpec, LoadedModel, check_proto
+from .providers import GpuSettings, prepare_cache_dir, provider_list
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -107,7 +108,8 @@ def _shape_text(shape) -> str:
 
 # -- ONNX Runtime -----------------------------------------------------------------------------------------------
 class OrtRunner(Runner):
-    """An ONNX Runtime session with a provider choice (cpu, cuda, tensorrt) and thread settings.
+    """An ONNX Runtime session with a provider choice (cpu, cuda, tensorrt) and thread settings; `gpu` sets the
+    cuda / tensorrt provider options (engine cache, fp16, plugin libraries: see `runtime.providers`).
 
     When the provider asked for is missing from this onnxruntime build, or ORT silently runs on another one,
     the runner warns (RuntimeFallbackWarning) and records it in `self.warnings`.
@@ -124,6 +126,7 @@ class OrtRunner(Runner):
         inter_op_threads: int | None = None,
         optimization: str = "all",
         session_options: Any | None = None,
+        gpu: GpuSettings | None = None,
     ) -> None:
         super().__init__()
         if provider not in PROVIDERS:
@@ -134,6 +137,7 @@ class OrtRunner(Runner):
         self.inter_op_threads = inter_op_threads
         self.optimization = optimization
         self.session_options = session_options
+        self.gpu = gpu  # provider options for cuda / tensorrt (runtime.providers); defaults when None
         self.session = None
         self.warnings: list[str] = []
 
@@ -178,9 +182,12 @@ class OrtRunner(Runner):
 
         providers = self._providers()
         where = self.model.path or "the model"
+        prepare_cache_dir(self.gpu if self.provider != "cpu" else None)
         try:
             self.session = ort.InferenceSession(
-                self.model.proto.SerializeToString(), sess_options=self._options(), providers=providers
+                self.model.proto.SerializeToString(),
+                sess_options=self._options(),
+                providers=provider_list(providers, self.gpu),
             )
         except Exception as exc:  # ORT raises its own exception types from C++
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

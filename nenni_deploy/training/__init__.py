@@ -5,12 +5,19 @@ from __future__ import annotations
 from .augment import augment_batch, resolve_augment
 from .config import TrainConfig
 from .loop import TrainResult, Validator, split_indices, steps_per_epoch, train
-from .methods import Method, Standard
+from .methods import ADVERSARIAL, METHODS, Adversarial, Method, Standard, fast_at, make_method
 from .params import param_groups, select_trainable
 from .refit import measure_fit, refit_approximators
 from .schedule import lr_at
+from .validators import pgd_validator
 
 __all__ = [
+    "ADVERSARIAL",
+    "METHODS",
+    "Adversarial",
+    "fast_at",
+    "make_method",
+    "pgd_validator",
     "Method",
     "Standard",
     "TrainConfig",

@@ -3,6 +3,10 @@
 A run directory holds checkpoints (see `checkpoint`), `metrics.jsonl` and `curves.png`. A run is resumable
 at every epoch boundary and a resumed run computes exactly what an uninterrupted one would: the learning
 rate is a function of the global step, and the momentum buffers and both RNG states are restored.
+
+Under `torchrun` (torch.distributed initialised before `train` is called) the same loop runs data-parallel:
+every rank draws the same shuffled, augmented global batch and trains on its own equal slice of it through
+DistributedDataParallel, which averages the gradients; only rank 0 evaluates and writes the run directory.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..errors import NenniError
@@ -127,6 +132,12 @@ def train(
     `curves=False` skips drawing curves.png (it costs about as much as a tiny test run).
     """
     method = method or Standard(label_smoothing=config.label_smoothing)
+    check_model = getattr(method, "check_model", None)
+    if callable(check_model):
+        check_model(model)  # before the run directory is touched
+    rank, world = _world()
+    if config.batch_size % world:
+        raise NenniError(f"--batch-size {config.batch_size} must be a multiple of the {world} processes")
     run_dir = _prepare_run_dir(Path(run_dir))
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -148,10 +159,11 @@ def train(
         nesterov=config.nesterov,
     )
     generator = torch.Generator()
-    state, history, resumed_from = _start(run_dir, model, optimizer, params, config, method, generator, resume)
+    state, history, resumed_from = _start(run_dir, model, optimizer, params, config, method, generator, resume, rank)
+    lead = rank == 0
 
     spe = steps_per_epoch(len(train_idx), config)
-    loop = _Loop(model, method, optimizer, params, config, x, y, train_idx, generator, spe, progress)
+    loop = _Loop(model, method, optimizer, params, config, x, y, train_idx, generator, spe, progress and lead)
     calib = []
     if config.refit_every:  # index first: x[train_idx] would copy the whole training set
         calib = calibration_batches(x[train_idx[: config.refit_images]], config.refit_images, config.eval_batch_size)
@@ -162,15 +174,18 @@ def train(
         if config.refit_every and epoch % config.refit_every == 0:
             _refit(model, calib, config.refit_ridge, optimizer, params)
             record["refit"] = True
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
+        if lead and (epoch % config.eval_every == 0 or epoch == config.epochs):
             record.update(_evaluate(model, val, validators, config.eval_batch_size))
-        _update_best(run_dir, model, state, record, config.best_metric, track_last)
         history.append(record)
-        ckpt.append_metrics(run_dir, record)
-        _save_last(run_dir, model, optimizer, params, state, generator, config, method)
-        if on_epoch:
-            on_epoch(record)
-    if history and curves:
+        if lead:
+            _update_best(run_dir, model, state, record, config.best_metric, track_last)
+            ckpt.append_metrics(run_dir, record)
+            _save_last(run_dir, model, optimizer, params, state, generator, config, method)
+            if on_epoch:
+                on_epoch(record)
+        if world > 1:
+            dist.barrier()  # the other ranks wait while rank 0 evaluates and saves
+    if history and curves and lead:
         _save_curves(run_dir, history, method.name)
     return TrainResult(
         run_dir=run_dir,
@@ -203,6 +218,9 @@ class _Loop:
         progress: bool,
     ) -> None:
         self.model, self.method, self.optimizer, self.params = model, method, optimizer, params
+        self.rank, self.world = _world()
+        # DDP's constructor broadcasts rank 0's weights, so replicas start identical even if seeds differ.
+        self.net = nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
         self.config, self.x, self.y, self.train_idx = config, x, y, train_idx
         self.generator, self.spe, self.progress = generator, spe, progress
         self.aug = resolve_augment(config.augment, tuple(x.shape[1:]))
@@ -223,8 +241,12 @@ class _Loop:
         )
         for i in bar:
             idx = self.train_idx[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
-            xb = augment_batch(self.x[idx], self.aug, self.generator).to(self.device)
-            yb = self.y[idx].to(self.device)
+            # Every rank augments the whole batch (same generator, same draws), then keeps its own slice.
+            xb = augment_batch(self.x[idx], self.aug, self.generator)
+            yb = self.y[idx]
+            if self.world > 1:
+                xb, yb = xb[self.rank :: self.world], yb[self.rank :: self.world]
+            xb, yb = xb.to(self.device), yb.to(self.device)
             lr = lr_at(state.step, self.total, cfg.lr, cfg.schedule, self.warmup)
             loss, logits = self._step(xb, yb, lr, epoch, state.step)
             state.step += 1
@@ -235,6 +257,14 @@ class _Loop:
                 loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}", lr=f"{lr:.2g}", refresh=False
             )
         bar.close()
+        if self.world > 1:  # the epoch's loss and accuracy over every rank's slices
+            totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+            dist.all_reduce(totals)
+            loss_sum, correct, seen = float(totals[0]), int(totals[1]), int(totals[2])
+            # DDP broadcasts rank 0's buffers before each forward, so the last step's batch-norm statistics
+            # differ per rank until the next one: make every replica rank 0's (the one evaluated and saved).
+            for buf in self.model.buffers():
+                dist.broadcast(buf, 0)
         state.epoch = epoch
         return {
             "epoch": epoch,
@@ -251,7 +281,7 @@ class _Loop:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, logits = self.method.loss(self.model, xb, yb)
+        loss, logits = self.method.loss(self.net, xb, yb)
         if not torch.isfinite(loss):
             value = float(loss.detach())
             raise NenniError(f"training diverged at epoch {epoch}, step {step} (loss {value}); try a lower --lr")
@@ -261,6 +291,13 @@ class _Loop:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.config.grad_clip)
         self.optimizer.step()
         return loss.detach(), logits.detach()
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def _train_mode(model: nn.Module) -> None:
@@ -360,10 +397,12 @@ def _start(
     method: Method,
     generator: torch.Generator,
     resume: bool,
+    rank: int = 0,
 ) -> tuple[_State, list[dict[str, Any]], int | None]:
     saved = ckpt.read_state(run_dir) if resume else None
     if saved is None:
-        _clear_run_dir(run_dir)
+        if rank == 0:
+            _clear_run_dir(run_dir)
         torch.manual_seed(config.seed)
         generator.manual_seed(config.seed + 1)  # its own stream: data order and augmentation
         return _State(), [], None
@@ -375,7 +414,8 @@ def _start(
     state = _State(saved["epoch"], saved["step"], saved.get("best_value"), saved.get("best_epoch"))
     # Epochs logged after the checkpoint (a crash between the two writes) are redone, so drop their lines.
     history = [r for r in ckpt.read_metrics(run_dir) if r.get("epoch", 0) <= state.epoch]
-    ckpt.write_metrics(run_dir, history)
+    if rank == 0:
+        ckpt.write_metrics(run_dir, history)
     return state, history, state.epoch
 
 

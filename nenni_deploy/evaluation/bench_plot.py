@@ -1,0 +1,59 @@
+"""The benchmark's figure: latency distributions per batch size, and measured vs ideal speedup."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..files import atomic_output
+
+
+def plot_report(report: dict[str, Any], out: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = report["batches"]
+    labels = list(report["models"])
+    paired = all("speedup" in b for b in batches)
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11 if paired else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    data, ticks, positions = [], [], []
+    for i, b in enumerate(batches):
+        for j, label in enumerate(labels):
+            rounds = b["models"][label]["round_means_ms"]
+            data.append([v / b["batch"] for v in rounds])
+            positions.append(i * (len(labels) + 1) + j)
+            ticks.append(f"{label}\nbatch {b['batch']}")
+    ax.boxplot(data, positions=positions, widths=0.7)
+    ax.set_xticks(positions, ticks, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per image (round means)")
+    ax.set_title("latency per image")
+    if paired:
+        ax = axes[0][1]
+        xs = [b["batch"] for b in batches]
+        sp = [b["speedup"]["speedup"] for b in batches]
+        lo = [s - b["speedup"]["ci_low"] for s, b in zip(sp, batches, strict=True)]
+        hi = [b["speedup"]["ci_high"] - s for s, b in zip(sp, batches, strict=True)]
+        ax.errorbar(xs, sp, yerr=[lo, hi], marker="o", capsize=4, label="measured (95 % CI)")
+        ideal = report.get("ideal", {})
+        if ideal.get("mac"):
+            ax.axhline(ideal["mac"], color="C1", linestyle="--", label=f"MAC-ideal {ideal['mac']:.2f}x")
+        if ideal.get("bitops"):
+            ax.axhline(ideal["bitops"], color="C2", linestyle=":", label=f"BitOPs-ideal {ideal['bitops']:.2f}x")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("speedup over baseline")
+        ax.set_title("model vs baseline")
+        ax.legend(fontsize=8)
+    env = report.get("environment", {})
+    fig.suptitle(
+        f"{env.get('cpu_model', '')}, {env.get('intra_op_threads', '?')} threads, {env.get('provider', '')}", fontsize=8
+    )
+    fig.tight_layout()
+    with atomic_output(out) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
