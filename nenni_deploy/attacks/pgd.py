@@ -56,6 +56,11 @@ def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 class PGD:
     """PGD (Madry et al.) under an Linf or L2 budget, with random start, restarts and EOT.
 
+    Two transfer-attack options ride on the same loop: `momentum` > 0 is MI-FGSM (Dong et al. 2018: the step
+    follows an accumulated, L1-normalised gradient) and `diversity` > 0 is DI (Xie et al. 2019: with that
+    probability per step, the model sees a randomly shrunk and padded copy of the input), both to craft examples
+    on a surrogate that generalise to other models instead of overfitting the surrogate's gradient.
+
     `alpha` defaults to 2.5 * eps / steps, enough to cross the ball from any start. `eot` > 1 averages the
     gradient over that many forward passes (expectation over transformation), for models whose forward pass is
     random. With `restarts` > 1 a sample keeps the first restart that fools the model, else the one with the
@@ -71,6 +76,8 @@ class PGD:
     restarts: int = 1
     eot: int = 1
     seed: int = 0
+    momentum: float = 0.0
+    diversity: float = 0.0
 
     def __post_init__(self) -> None:
         if not (self.eps >= 0 and self.eps == self.eps):
@@ -83,6 +90,10 @@ class PGD:
             raise NenniError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.alpha is not None and self.alpha <= 0:
             raise NenniError(f"alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.momentum <= 10:
+            raise NenniError(f"momentum must be in [0, 10], got {self.momentum}")
+        if not 0 <= self.diversity <= 1:
+            raise NenniError(f"diversity (a probability) must be in [0, 1], got {self.diversity}")
 
     @property
     def step_size(self) -> float:
@@ -103,16 +114,36 @@ class PGD:
         r = torch.rand((x.shape[0],), generator=gen, device=x.device, dtype=x.dtype)
         return d / _per_sample_norm(d) * (r * self.eps).view(-1, *([1] * (x.dim() - 1)))
 
+    def _diverse(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """DI: with probability `diversity`, shrink to a random size in [0.9 H, H) and pad back at a random offset
+        (the CIFAR-sized variant: the model keeps its input size)."""
+        h, w = x.shape[-2:]
+        if h < 2 or float(torch.rand((), generator=gen, device=gen.device)) >= self.diversity:
+            return x
+        low = min(max(1, int(0.9 * h)), h - 1)
+        size = int(torch.randint(low, h, (), generator=gen, device=gen.device))
+        small = F.interpolate(x, size=(size, size * w // h), mode="nearest")
+        top = int(torch.randint(0, h - size + 1, (), generator=gen, device=gen.device))
+        left = int(torch.randint(0, w - small.shape[-1] + 1, (), generator=gen, device=gen.device))
+        return F.pad(small, (left, w - small.shape[-1] - left, top, h - size - top))
+
     def gradient(
-        self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, objective: Objective
+        self,
+        model: nn.Module,
+        x_adv: torch.Tensor,
+        y: torch.Tensor,
+        objective: Objective,
+        gen: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient of the summed objective w.r.t. the input (EOT-averaged) and the per-sample loss."""
+        if self.diversity and gen is None:
+            gen = torch.Generator(device=x_adv.device).manual_seed(self.seed)
         grad = torch.zeros_like(x_adv)
         total = torch.zeros(x_adv.shape[0], device=x_adv.device)
         for _ in range(self.eot):
             xr = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():
-                loss = objective(model, xr, y)
+                loss = objective(model, self._diverse(xr, gen) if self.diversity else xr, y)
                 (g,) = torch.autograd.grad(loss.sum(), xr)
             grad += g
             total += loss.detach()
@@ -126,8 +157,13 @@ class PGD:
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, objective: Objective, gen) -> torch.Tensor:
         delta = self._start(x, gen)
         delta = (x + delta).clamp(0, 1) - x
+        velocity = torch.zeros_like(x)
         for _ in range(self.steps):
-            grad, _ = self.gradient(model, x + delta, y, objective)
+            grad, _ = self.gradient(model, x + delta, y, objective, gen)
+            if self.momentum:
+                l1 = grad.abs().flatten(1).sum(1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+                velocity = self.momentum * velocity + grad / l1
+                grad = velocity
             delta = project(self._step(delta, grad), self.eps, self.norm)
             delta = (x + delta).clamp(0, 1) - x
         return (x + delta).detach()
@@ -163,3 +199,11 @@ class PGD:
 def fgsm_rs(eps: float, alpha: float | None = None, seed: int = 0) -> PGD:
     """FGSM with random start, the single-step attack of fast adversarial training."""
     return PGD(eps=eps, steps=1, alpha=alpha if alpha is not None else 1.25 * eps, seed=seed)
+
+
+def mi_fgsm(eps: float, steps: int = 10, momentum: float = 1.0, diversity: float = 0.0, seed: int = 0) -> PGD:
+    """MI-FGSM (Dong et al. 2018) as published: no random start, step eps / steps, decay `momentum`; with
+    `diversity` > 0 it is MI-DI-FGSM."""
+    return PGD(
+        eps=eps, steps=steps, alpha=eps / steps, random_start=False, momentum=momentum, diversity=diversity, seed=seed
+    )

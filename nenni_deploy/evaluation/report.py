@@ -1,0 +1,68 @@
+"""The evaluation's table (terminal and Markdown) and plot."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import NenniError
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One row per eps: clean accuracy, every attack's accuracy, the worst case and the attack that set it."""
+    names = list(report["attacks"])
+    headers = ["eps", "clean", *names, "worst case", "set by"]
+    rows = []
+    for label in report["eps"]:
+        worst = report["worst_case_detail"].get(label, {})
+        rows.append(
+            [
+                label,
+                round(report["clean_accuracy"], 2),
+                *(round(report["attacks"][n]["accuracy"][label], 2) for n in names),
+                round(worst["accuracy"], 2) if worst else None,
+                worst.get("attack"),
+            ]
+        )
+    return headers, rows
+
+
+def write_plot(path: Path, report: dict[str, Any]) -> None:
+    """Accuracy against eps per attack, the worst case in bold; written under a temporary name, then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = report["eps"]
+    xs = report["eps_values"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in report["attacks"].items():
+        ax.plot(xs, [r["accuracy"][e] for e in labels], marker="o", lw=1, alpha=0.8, label=name)
+    ax.plot(xs, [report["worst_case"][e] for e in labels], color="black", lw=3, marker="s", label="worst case")
+    ax.axhline(report["clean_accuracy"], color="grey", ls="--", lw=1, label="clean")
+    ax.set_xticks(xs, labels)
+    ax.set_xlabel(f"eps ({report['norm']})")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{Path(report['target']['target']).name}: {report['data']['images']} images", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    except OSError as exc:
+        plt.close(fig)
+        raise NenniError(f"cannot write {path}: {exc.strerror or exc}") from None
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
