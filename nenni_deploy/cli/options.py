@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +10,7 @@ import click
 import torch
 
 from ..errors import NenniError
+from ..files import atomic_output
 
 
 def _compose(*decorators):
@@ -76,20 +75,8 @@ def apply_threads(threads: int | None) -> None:
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write to a temporary name in the same folder and rename, so a failure never leaves half a file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as exc:
-        raise NenniError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 # Options of `training_options`, named like the TrainConfig fields they set.

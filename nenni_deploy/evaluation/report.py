@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import NenniError
+from ..files import atomic_output
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -50,19 +48,8 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
     ax.set_title(f"{Path(report['target']['target']).name}: {report['data']['images']} images", fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
-    path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    except OSError as exc:
-        plt.close(fig)
-        raise NenniError(f"cannot write {path}: {exc.strerror or exc}") from None
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
     finally:
         plt.close(fig)

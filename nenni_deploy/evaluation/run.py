@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import NenniError
+from ..files import atomic_output
 from ..nenni.layers import seed_noise
 from .suite import PGD, Row, Settings
 from .targets import Target, torch_logits
@@ -59,14 +58,8 @@ class Cache:
     def put(self, key: str, value: dict) -> None:
         if self.folder is None:
             return
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=self.folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(value, f)
-            os.replace(tmp, self.folder / f"{key}.json")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_output(self.folder / f"{key}.json") as tmp:
+            tmp.write_text(json.dumps(value))
 
 
 @dataclass
