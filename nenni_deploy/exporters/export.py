@@ -207,7 +207,6 @@ def build_onnx(
     graph.name_nenni_nodes(proto)
     tuning = None
     if options.channel_lowering == "auto" and options.target == "ort" and not options.dense:
-        graph.shape_for_target(proto, options.target, options.opset, _lowerings(proto, "skip"))
         tuning = tune.tune_channel_lowerings(proto, batch=options.tune_batch, threads=options.tune_threads)
         lowerings = {t.name: t.choice for t in tuning}
     else:

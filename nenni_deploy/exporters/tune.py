@@ -55,7 +55,8 @@ def layer_model(proto: ModelProto, node: NodeProto, input_shape: list[int], lowe
         [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
         initializer=weights,
     )
-    model = helper.make_model(g, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    ir_version = max(proto.ir_version, graph.OVERLOAD_IR_VERSION)  # the body is an overloaded function
+    model = helper.make_model(g, opset_imports=list(proto.opset_import), ir_version=ir_version)
     model.functions.append(ops.function_for_node(single, graph.model_opset(proto)))
     return model
 
