@@ -87,7 +87,7 @@ def command(
         provider=provider,
         threads=threads,
         warmup=warmup,
-        duration=5.0 if duration is None and iterations is None else duration,
+        duration=BenchSettings.duration if duration is None and iterations is None else duration,
         iterations=iterations,
         rounds=rounds,
         profile=profile,

@@ -92,11 +92,7 @@ class Subject:
             raise NenniError(
                 f"{path}: nenni bench needs a model with one image input, this one has {len(loaded.inputs)}"
             )
-        try:
-            cost = json.loads(loaded.metadata.get("nenni.cost", "{}"))
-        except json.JSONDecodeError:
-            cost = {}
-        return cls(label, path, loaded, _file_sha256(path), cost if isinstance(cost, dict) else {})
+        return cls(label, path, loaded, _file_sha256(path), _cost(loaded.metadata))
 
     @classmethod
     def _load_plan(cls, label: str, path: Path) -> Subject:
@@ -114,12 +110,7 @@ class Subject:
             ) from None
         if len(runner.input_specs()) != 1:
             raise NenniError(f"{path}: nenni bench needs an engine with one image input")
-        metadata = runner.metadata
-        try:
-            cost = json.loads(metadata.get("nenni.cost", "{}"))
-        except json.JSONDecodeError:
-            cost = {}
-        return cls(label, path, None, _file_sha256(path), cost if isinstance(cost, dict) else {}, plan=runner)
+        return cls(label, path, None, _file_sha256(path), _cost(runner.metadata), plan=runner)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -139,11 +130,14 @@ class Subject:
 
     def describe(self) -> dict[str, Any]:
         meta = self.metadata
-        try:
-            layers = len(json.loads(meta.get("nenni.layers", "[]")))
-            config = json.loads(meta.get("nenni.config", "{}"))
-        except json.JSONDecodeError:
-            layers, config = 0, {}
+        if self.loaded is not None:
+            layers, config = self.loaded.nenni_nodes, self.loaded.config()
+        else:  # an engine: what the ONNX model it was built from recorded
+            try:
+                layers = len(json.loads(meta.get("nenni.layers", "[]")))
+                config = json.loads(meta.get("nenni.config", "{}"))
+            except json.JSONDecodeError:
+                layers, config = 0, {}
         return {
             "label": self.label,
             "path": str(self.path),
@@ -151,16 +145,25 @@ class Subject:
             "sha256": self.sha256,
             "bytes": self.path.stat().st_size,
             "arch": meta.get("nenni.arch", ""),
-            "dense": meta.get("nenni.dense", "false") == "true" or not layers,
-            "nenni_layers": self.loaded.nenni_nodes if self.loaded is not None else layers,
+            "dense": not layers,
+            "nenni_layers": layers,
             "noise": meta.get("nenni.noise", "none"),
-            "config": self.loaded.config() if self.loaded is not None else config,
+            "config": config,
             "cost": self.cost,
         }
 
     def close(self) -> None:
         if self.is_plan:
             self.plan.deactivate()
+
+
+def _cost(metadata: dict[str, str]) -> dict[str, float]:
+    """The `nenni.cost` metadata `nenni export` writes (empty for models from elsewhere)."""
+    try:
+        cost = json.loads(metadata.get("nenni.cost", "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return cost if isinstance(cost, dict) else {}
 
 
 def _file_sha256(path: Path) -> str:
