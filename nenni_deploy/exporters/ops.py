@@ -435,8 +435,7 @@ def _k(b: _Body) -> str:
 
 def _mask(b: _Body, score: str, granularity: str, conv: bool = False) -> str:
     if granularity == "channel":
-        channel_score = b("ReduceMean", score, b.ints([2, 3]), keepdims=0) if conv else score
-        _, idx = b("TopK", channel_score, _k(b), outputs=2, axis=1, largest=1, sorted=0)
+        idx, channel_score = _channel_indices(b, score, [2, 3] if conv else None, ascending=False)
         mask = _scatter_mask(b, channel_score, idx, axis=1)  # (B, n)
         return b("Expand", b("Unsqueeze", mask, b.ints([2, 3])), b("Shape", score)) if conv else mask
     if granularity == "element":
@@ -465,15 +464,18 @@ def _masked_body(b: _Body, conv: bool, granularity: str, rank: str) -> None:
     b("Identity", mask, outputs=["M"])
 
 
-def _channel_indices(b: _Body, score: str, conv: bool) -> tuple[str, str]:
-    """(B, K) indices of the top-K channel scores (spatial mean for convolutions), in ascending order; and the
-    (B, n) channel scores."""
-    channel_score = b("ReduceMean", score, b.ints([2, 3]), keepdims=0) if conv else score
+def _channel_indices(
+    b: _Body, score: str, spatial_axes: Sequence[int] | None, ascending: bool = True
+) -> tuple[str, str]:
+    """(B, K) indices of the top-K channel scores (the mean over `spatial_axes` of a convolution's scores), and
+    the (B, n) channel scores. `ascending` sorts the indices as selection.channel_indices does (the same filter
+    order on every runtime); bodies that only need the set skip that sort."""
+    channel_score = b("ReduceMean", score, b.ints(spatial_axes), keepdims=0) if spatial_axes else score
     k = _k(b)
-    _, top = b("TopK", channel_score, k, outputs=2, axis=1, largest=1, sorted=1)
-    # Ascending order, as selection.channel_indices does: the same filter order on every runtime.
-    ascending, _ = b("TopK", top, k, outputs=2, axis=1, largest=0, sorted=1)
-    return ascending, channel_score
+    _, top = b("TopK", channel_score, k, outputs=2, axis=1, largest=1, sorted=int(ascending))
+    if ascending:
+        top, _ = b("TopK", top, k, outputs=2, axis=1, largest=0, sorted=1)
+    return top, channel_score
 
 
 def _scalar(b: _Body, vector: str, i: int) -> str:
@@ -558,9 +560,8 @@ def _channel_conv_body(b: _Body, rank: str, kernel: tuple[int, int]) -> None:
     pred = b("Add", b("MatMul", "Wa", u), b("Unsqueeze", "Ba", b.ints([1])))  # (B, n, L)
     b.stage = "select"
     score = b("Abs", pred) if rank == "magnitude" else pred
-    channel_score = b("ReduceMean", score, b.ints([2]), keepdims=0)  # (B, n)
     # The set of channels is what matters, not their order: no sorting.
-    _, idx = b("TopK", channel_score, _k(b), outputs=2, axis=1, largest=1, sorted=0)
+    idx, channel_score = _channel_indices(b, score, [2], ascending=False)  # (B, K), (B, n)
     b.stage = "exact"
     rows = b("Gather", _tap_rows(b, "W"), idx, axis=0)  # (B, K, d)
     bias = b("Unsqueeze", b("Gather", "B", idx, axis=0), b.ints([2]))
@@ -584,7 +585,7 @@ def _channel_conv_body(b: _Body, rank: str, kernel: tuple[int, int]) -> None:
 def _channel_body(b: _Body, conv: bool, rank: str) -> None:
     """Channel granularity for any layer: im2col by Gather over computed offsets (any kernel, any shape)."""
     pred, score = _prediction(b, conv, rank)
-    idx, channel_score = _channel_indices(b, score, conv)  # (B, K), (B, n)
+    idx, channel_score = _channel_indices(b, score, [2, 3] if conv else None)  # (B, K), (B, n)
     b.stage = "exact"
     bias = b("Gather", "B", idx, axis=0)  # (B, K)
     if conv:
