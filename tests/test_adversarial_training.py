@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from _cli import assert_one_line_error as _one_line_error
+from _cli import invoke as _invoke
 from _nets import tiny_net
-from click.testing import CliRunner
 
 from nenni_deploy.attacks import PGD
-from nenni_deploy.cli import main
 from nenni_deploy.errors import NenniError
 from nenni_deploy.nenni.config import NenniConfig
 from nenni_deploy.nenni.convert import convert
@@ -233,15 +233,6 @@ def test_fast_at_buys_robustness_on_digits(tmp_path):
 
 
 # -- commands -----------------------------------------------------------------------------------------------
-def _invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result) -> None:
-    assert result.exit_code != 0
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 DIGITS = ("--arch", "small_cnn", "--data", "digits", "--batch-size", 32, "--no-progress")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import assert_one_line_error as _one_line_error
+from _cli import invoke as _invoke
 from _nets import tiny_net
-from click.testing import CliRunner
 
-from nenni_deploy.cli import main
 from nenni_deploy.errors import NenniError
 from nenni_deploy.nenni.config import NenniConfig
 from nenni_deploy.nenni.convert import convert
@@ -222,15 +222,6 @@ def test_refit_restores_the_fit_and_measure_fit_tracks_the_weights(tmp_path):
 
 
 # -- command line -------------------------------------------------------------------------------------------
-def _invoke(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def _one_line_error(result) -> None:
-    assert result.exit_code != 0
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
 @pytest.fixture(scope="module")
