@@ -10,7 +10,20 @@ from .. import __version__
 from ..errors import NenniError
 
 # Each module defines one click command named like the module; a failing import names the broken command.
-COMMANDS = ("calibrate", "info", "train", "finetune", "export", "predict", "check", "bench", "build", "eval", "demo")
+COMMANDS = (
+    "calibrate",
+    "info",
+    "train",
+    "finetune",
+    "export",
+    "predict",
+    "check",
+    "bench",
+    "build",
+    "eval",
+    "pipeline",
+    "demo",
+)
 
 
 class NenniGroup(click.Group):

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from ..errors import NenniError
+from ..tables import format_table
 from .options import json_option, write_json_atomic
-from .tables import format_table
 
 
 @click.command(name="bench")

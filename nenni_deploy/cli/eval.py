@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from ..errors import NenniError
+from ..tables import format_table
 from .options import apply_threads, json_option, write_json_atomic
-from .tables import format_table
 
 
 def _split(text: str | None) -> list[str] | None:

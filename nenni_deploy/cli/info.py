@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import NenniError
-from .tables import format_table
+from ..tables import format_table
 
 
 @click.command(name="info")

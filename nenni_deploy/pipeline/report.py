@@ -1,0 +1,270 @@
+"""The pipeline's report folder: one summary (JSON) and one page (Markdown) over the JSON every stage wrote.
+
+Every number here is read from a stage's own output; a stage that did not run leaves its section out."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from ..files import atomic_output
+from ..tables import format_table
+from .config import PipelineConfig
+from .stages import Layout
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _accuracy(cfg: PipelineConfig, lay: Layout) -> dict[str, Any]:
+    cal = _load(lay.calibrate_json) or {}
+    train, ft, check = _load(lay.train_json), _load(lay.finetune_json), _load(lay.check_json)
+    acc = {
+        "images": cal.get("eval_images"),
+        "dense": cal.get("dense_accuracy"),
+        "dense_trained_full_test": train.get("test_accuracy") if train else None,
+        "nenni_calibrated": cal.get("nenni_accuracy"),
+        "nenni_finetuned": ft.get("nenni_accuracy_after") if ft else None,
+        "base_after_finetune": ft.get("exact_accuracy_after") if ft else None,
+    }
+    if check:
+        acc["onnx"] = {
+            "images": check["images"],
+            "nenni_pytorch": check["accuracy_torch"],
+            "nenni_onnx_runtime": check["accuracy_onnx"],
+            "top1_agreement": check["agreement"],
+            "max_abs_diff": check["max_abs_diff"],
+            "passed": check["passed"],
+        }
+    return acc
+
+
+def _cost(lay: Layout) -> dict[str, Any]:
+    totals = ((_load(lay.calibrate_json) or {}).get("cost") or {}).get("totals", {})
+    keys = ("macs_dense", "macs_nenni", "mac_reduction", "bitops_dense", "bitops_nenni", "bitops_reduction")
+    return {k: totals.get(k) for k in keys}
+
+
+def _speed(lay: Layout) -> dict[str, Any] | None:
+    bench = _load(lay.bench_json)
+    if bench is None:
+        return None
+    rows = []
+    for b in bench["batches"]:
+        sp, ideal, load = b.get("speedup") or {}, b.get("ideal") or {}, b.get("load") or {}
+        rows.append(
+            {
+                "batch": b["batch"],
+                "dense_ms": b["models"]["baseline"]["mean_ms"],
+                "nenni_ms": b["models"]["model"]["mean_ms"],
+                "dense_p99_ms": b["models"]["baseline"]["p99_ms"],
+                "nenni_p99_ms": b["models"]["model"]["p99_ms"],
+                "speedup": sp.get("speedup"),
+                "ci_low": sp.get("ci_low"),
+                "ci_high": sp.get("ci_high"),
+                "mac_ideal": ideal.get("mac_speedup"),
+                "fraction_of_mac_ideal": ideal.get("fraction_of_mac_ideal"),
+                "other_load_cores": load.get("other_processes_busy_cores"),
+            }
+        )
+    env = bench.get("environment", {})
+    return {
+        "provider": env.get("provider"),
+        "threads": env.get("intra_op_threads"),
+        "cpu": env.get("cpu_model"),
+        "batches": rows,
+    }
+
+
+def _robustness(lay: Layout) -> dict[str, Any] | None:
+    nenni, dense = _load(lay.eval_nenni_json), _load(lay.eval_dense_json)
+    if nenni is None or dense is None:
+        return None
+    per_eps = []
+    for label in nenni["eps"]:
+        per_eps.append(
+            {
+                "eps": label,
+                "dense_worst": dense["worst_case"].get(label),
+                "dense_set_by": dense["worst_case_attack"].get(label),
+                "nenni_worst": nenni["worst_case"].get(label),
+                "nenni_set_by": nenni["worst_case_attack"].get(label),
+            }
+        )
+    return {
+        "images": nenni["data"]["images"],
+        "norm": nenni["norm"],
+        "clean": {"dense": dense["clean_accuracy"], "nenni": nenni["clean_accuracy"]},
+        "per_eps": per_eps,
+        "attacks": {
+            "nenni": {n: a["accuracy"] for n, a in nenni["attacks"].items()},
+            "dense": {n: a["accuracy"] for n, a in dense["attacks"].items()},
+        },
+        "skipped": {"nenni": nenni["skipped"], "dense": dense["skipped"]},
+        "warnings": [f"nenni: {w}" for w in nenni["sanity"]["warnings"]]
+        + [f"dense: {w}" for w in dense["sanity"]["warnings"]],
+        "randomised": nenni["target"].get("randomised"),
+    }
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def headline(s: dict[str, Any]) -> list[str]:
+    acc, cost = s["accuracy"], s["cost"]
+    nenni = acc["nenni_finetuned"] if acc["nenni_finetuned"] is not None else acc["nenni_calibrated"]
+    lines = [
+        f"accuracy: dense {_fmt(acc['dense'])} %, NENNI {_fmt(nenni)} %"
+        + (f" (calibrated only: {_fmt(acc['nenni_calibrated'])} %)" if acc["nenni_finetuned"] is not None else ""),
+        f"cost: {_fmt((cost['mac_reduction'] or 0) * 100, '.1f')} % fewer MACs, "
+        f"{_fmt((cost['bitops_reduction'] or 0) * 100, '.1f')} % fewer BitOPs than dense",
+    ]
+    if "onnx" in acc:
+        o = acc["onnx"]
+        lines.append(f"ONNX Runtime vs PyTorch: {_fmt(o['top1_agreement'])} % top-1 agreement on {o['images']} images")
+    if s["speed"]:
+        parts = [
+            f"batch {r['batch']}: {_fmt(r['speedup'], '.2f')}x (MAC-ideal {_fmt(r['mac_ideal'], '.2f')}x)"
+            for r in s["speed"]["batches"]
+        ]
+        lines.append("measured speedup over dense in ONNX Runtime: " + ", ".join(parts))
+    if s["robustness"]:
+        parts = [
+            f"eps {r['eps']}: dense {_fmt(r['dense_worst'], '.1f')} %, NENNI {_fmt(r['nenni_worst'], '.1f')} %"
+            for r in s["robustness"]["per_eps"]
+        ]
+        lines.append("worst-case robust accuracy: " + "; ".join(parts))
+    lines.append(f"total time {s['seconds']:.0f} s")
+    return lines
+
+
+def summarise(cfg: PipelineConfig, stages: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+    lay = Layout(cfg.out)
+    cal = _load(lay.calibrate_json) or {}
+    s: dict[str, Any] = {
+        "schema": "nenni-pipeline",
+        "schema_version": 1,
+        "config": cfg.source,
+        "data": cfg.data,
+        "arch": cfg.arch,
+        "weights": str(cfg.weights) if cfg.weights else None,
+        "nenni_config": cal.get("config"),
+        "accuracy": _accuracy(cfg, lay),
+        "cost": _cost(lay),
+        "speed": _speed(lay),
+        "robustness": _robustness(lay),
+        "stages": {k: {"status": v["status"], "seconds": v.get("seconds")} for k, v in stages.items()},
+        "machine": {"cpu_count": _cpus(), "platform": platform.platform()},
+        "seconds": seconds,
+    }
+    s["headline"] = headline(s)
+    return s
+
+
+def _cpus() -> int | None:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    return format_table(headers, rows, markdown=True)
+
+
+def markdown(s: dict[str, Any], lay: Layout) -> str:
+    acc, cost = s["accuracy"], s["cost"]
+    out = [f"# nenni pipeline report: {s['arch']} on {s['data']}", "", "## Headline", ""]
+    out += [f"- {line}" for line in s["headline"]]
+    out += ["", "## Accuracy and cost", ""]
+    rows = [["dense", _fmt(acc["dense"]), f"{cost['macs_dense']:,}" if cost["macs_dense"] else "-"]]
+    rows.append(["NENNI, calibrated only", _fmt(acc["nenni_calibrated"]), _int(cost["macs_nenni"])])
+    if acc["nenni_finetuned"] is not None:
+        rows.append(["NENNI, fine-tuned", _fmt(acc["nenni_finetuned"]), _int(cost["macs_nenni"])])
+        rows.append(["its base weights, every layer exact", _fmt(acc["base_after_finetune"]), _int(cost["macs_dense"])])
+    out.append(_table(["model", f"test accuracy % ({acc['images']} images)", "MACs / image"], rows))
+    out += [
+        "",
+        f"MACs {_fmt((cost['mac_reduction'] or 0) * 100, '.1f')} % fewer, BitOPs "
+        f"{_fmt((cost['bitops_reduction'] or 0) * 100, '.1f')} % fewer (the projection is charged as dense float "
+        "MACs; BitOPs count the exact path at W8A8 and the approximator at its bit width).",
+        "",
+        "NENNI settings: `" + json.dumps(s["nenni_config"]) + "`",
+    ]
+    if "onnx" in acc:
+        o = acc["onnx"]
+        out += [
+            "",
+            f"ONNX export (`nenni check`, {o['images']} test images): PyTorch {_fmt(o['nenni_pytorch'])} %, "
+            f"ONNX Runtime {_fmt(o['nenni_onnx_runtime'])} %, top-1 agreement {_fmt(o['top1_agreement'])} %, "
+            f"max |logit difference| {o['max_abs_diff']:.2e}: {'passed' if o['passed'] else 'FAILED'}.",
+        ]
+    if s["speed"]:
+        sp = s["speed"]
+        out += ["", "## Speed (`nenni bench`, both exports interleaved in one run)", ""]
+        rows = [
+            [r["batch"], _fmt(r["dense_ms"], ".3f"), _fmt(r["nenni_ms"], ".3f"),
+             f"{_fmt(r['speedup'])}x [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", _fmt(r["mac_ideal"]),
+             _fmt(r["fraction_of_mac_ideal"]), _fmt(r["other_load_cores"])]
+            for r in sp["batches"]
+        ]  # fmt: skip
+        headers = ["batch", "dense ms", "NENNI ms", "speedup [95 % CI]", "MAC-ideal", "of ideal", "other load (cores)"]
+        out.append(_table(headers, rows))
+        out += [
+            "",
+            f"ONNX Runtime {sp['provider']} provider, {sp['threads']} threads, {sp['cpu']}. Latency is the mean per "
+            "run of the whole batch; other load above a few tenths of a core makes absolute times unreliable, "
+            "the ratio still compares both models under the same conditions.",
+            "",
+            f"![latency]({lay.bench_png.name})",
+        ]
+    if s["robustness"]:
+        r = s["robustness"]
+        out += ["", f"## Robustness (`nenni eval`, {r['images']} test images, {r['norm']})", ""]
+        out.append(
+            "Attacks differentiate each model's PyTorch source; every adversarial image is replayed on the exported "
+            "ONNX model in ONNX Runtime, whose accuracy is reported. The worst case (minimum over every attack that "
+            "applies) is the robust accuracy to quote."
+        )
+        out += [""]
+        rows = [[e["eps"], _fmt(e["dense_worst"]), e["dense_set_by"], _fmt(e["nenni_worst"]), e["nenni_set_by"]]
+                for e in r["per_eps"]]  # fmt: skip
+        out.append(_table(["eps", "dense worst %", "set by", "NENNI worst %", "set by"], rows))
+        for label in ("nenni", "dense"):
+            attacks = r["attacks"][label]
+            out += ["", f"Every attack, {label} (clean {_fmt(r['clean'][label])} %):", ""]
+            eps = [e["eps"] for e in r["per_eps"]]
+            out.append(_table(["attack", *eps], [[n, *(_fmt(a.get(e)) for e in eps)] for n, a in attacks.items()]))
+            for name, why in r["skipped"][label].items():
+                out.append(f"\n- not run: {name}: {why}")
+        out += ["", f"![NENNI]({lay.eval_nenni_png.name}) ![dense]({lay.eval_dense_png.name})"]
+        if r["warnings"]:
+            out += ["", "### Sanity-check warnings", ""] + [f"- {w}" for w in r["warnings"]]
+    out += ["", "## Stages", ""]
+    out.append(_table(["stage", "status", "seconds"], [[k, v["status"], _fmt(v["seconds"], ".1f")]
+                                                        for k, v in s["stages"].items()]))  # fmt: skip
+    out += [
+        "",
+        f"Config: `{s['config']}`. Every stage's own JSON is beside this page (train.json, calibrate.json, "
+        "finetune.json, export-*.json, check.json, bench.json, eval-*.json); models in dense/, nenni-calibrated/, "
+        "nenni/ and the two .onnx files.",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def _int(v: Any) -> str:
+    return "-" if v is None else f"{v:,}"
+
+
+def write_report(cfg: PipelineConfig, summary: dict[str, Any]) -> tuple[Path, Path]:
+    """summary.json and report.md in the output folder, each written whole or not at all."""
+    lay = Layout(cfg.out)
+    paths = (cfg.out / "summary.json", cfg.out / "report.md")
+    with atomic_output(paths[0]) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    with atomic_output(paths[1]) as tmp:
+        tmp.write_text(markdown(summary, lay))
+    return paths

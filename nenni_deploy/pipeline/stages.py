@@ -1,0 +1,191 @@
+"""The pipeline's stages: each is one or more real `nenni` commands, built from the config and the paths the
+stages before it wrote. A stage is skipped when it already ran with the same arguments and its outputs exist;
+once one stage runs, every later one runs too (its inputs changed)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..files import atomic_output
+from .config import PipelineConfig
+
+Invoke = Callable[[list[str]], None]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every stage writes, under the pipeline's output folder."""
+
+    out: Path
+
+    def __getattr__(self, name: str) -> Path:  # only for the names in FILES
+        try:
+            return self.out / FILES[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+FILES = {
+    "dense_dir": "dense",
+    "calibrated_dir": "nenni-calibrated",
+    "finetuned_dir": "nenni",
+    "nenni_onnx": "nenni.onnx",
+    "dense_onnx": "dense.onnx",
+    "train_json": "train.json",
+    "calibrate_json": "calibrate.json",
+    "finetune_json": "finetune.json",
+    "export_nenni_json": "export-nenni.json",
+    "export_dense_json": "export-dense.json",
+    "check_json": "check.json",
+    "bench_json": "bench.json",
+    "bench_png": "bench.png",
+    "eval_nenni_json": "eval-nenni.json",
+    "eval_nenni_png": "eval-nenni.png",
+    "eval_dense_json": "eval-dense.json",
+    "eval_dense_png": "eval-dense.png",
+    "state": "pipeline-state.json",
+}
+
+
+def _data(cfg: PipelineConfig) -> list[str]:
+    return ["--data", cfg.data, *(["--data-dir", str(cfg.data_dir)] if cfg.data_dir else [])]
+
+
+def _threads(cfg: PipelineConfig) -> list[str]:
+    return ["--threads", str(cfg.threads)] if cfg.threads else []
+
+
+def dense_weights(cfg: PipelineConfig, lay: Layout) -> Path:
+    """The trained model when there is a [train] table, else the imported checkpoint."""
+    return lay.dense_dir / "model.safetensors" if cfg.enabled("train") else cfg.weights
+
+
+def nenni_dir(cfg: PipelineConfig, lay: Layout) -> Path:
+    return lay.finetuned_dir if cfg.enabled("finetune") else lay.calibrated_dir
+
+
+def _train(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
+    init = ["--weights", str(cfg.weights)] if cfg.weights else []  # training starts from an imported checkpoint
+    return [
+        ["train", "--arch", cfg.arch, *init, *_data(cfg), "--out", str(lay.dense_dir), "--json", str(lay.train_json),
+         "--no-progress", *_threads(cfg), *cfg.options("train")]
+    ]  # fmt: skip
+
+
+def _calibrate(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
+    return [
+        ["calibrate", "--arch", cfg.arch, "--weights", str(dense_weights(cfg, lay)), *_data(cfg),
+         "--out", str(lay.calibrated_dir), "--json", str(lay.calibrate_json), *_threads(cfg), *cfg.options("calibrate")]
+    ]  # fmt: skip
+
+
+def _finetune(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
+    return [
+        ["finetune", str(lay.calibrated_dir), *_data(cfg), "--out", str(lay.finetuned_dir),
+         "--json", str(lay.finetune_json), "--no-progress", *_threads(cfg), *cfg.options("finetune")]
+    ]  # fmt: skip
+
+
+def _export(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
+    table = cfg.tables.get("export") or {}
+    # The dense baseline comes from the calibrated folder: its base weights are the dense model's, while
+    # fine-tuning moves them to serve the masked network. It shares the NENNI export's target and opset only.
+    shared = [a for k in ("target", "opset") if k in table for a in (f"--{k}", str(table[k]))]
+    data_dir = ["--data-dir", str(cfg.data_dir)] if cfg.data_dir else []
+    return [
+        ["export", str(nenni_dir(cfg, lay)), "--out", str(lay.nenni_onnx), "--json", str(lay.export_nenni_json),
+         *data_dir, *_threads(cfg), *cfg.options("export")],
+        ["export", str(lay.calibrated_dir), "--dense", "--out", str(lay.dense_onnx),
+         "--json", str(lay.export_dense_json), *data_dir, *_threads(cfg), *shared],
+    ]  # fmt: skip
+
+
+def _check(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
+    return [
+        ["check", str(nenni_dir(cfg, lay)), str(lay.nenni_onnx), *_data(cfg), "--json", str(lay.check_json),
+         *_threads(cfg), *cfg.options("check")]
+    ]  # fmt: skip
+
+
+def _bench(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
+    return [
+        ["bench", str(lay.nenni_onnx), "--baseline", str(lay.dense_onnx), "--json", str(lay.bench_json),
+         "--plot", str(lay.bench_png), "--quiet", *_threads(cfg), *cfg.options("bench")]
+    ]  # fmt: skip
+
+
+def _eval(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
+    """Both exported models under the same attacks and budgets: the NENNI one (white-box on its PyTorch source,
+    BPDA, EOT when noisy, transfer from its dense base) and the dense one, replayed on ONNX Runtime."""
+    common = [*_data(cfg), "--no-progress", *_threads(cfg), *cfg.options("eval")]
+    return [
+        ["eval", str(lay.nenni_onnx), "--source", str(nenni_dir(cfg, lay)), "--json", str(lay.eval_nenni_json),
+         "--plot", str(lay.eval_nenni_png), *common],
+        ["eval", str(lay.dense_onnx), "--source", str(lay.calibrated_dir), "--json", str(lay.eval_dense_json),
+         "--plot", str(lay.eval_dense_png), *common],
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    commands: Callable[[PipelineConfig, Layout], list[list[str]]]
+    outputs: Callable[[Layout], list[Path]]
+    # The config table that switches the stage on; None: it always runs.
+    table: str | None = None
+
+    def enabled(self, cfg: PipelineConfig) -> bool:
+        return self.table is None or cfg.enabled(self.table)
+
+
+STAGES = (
+    Stage("train", _train, lambda lay: [lay.train_json, lay.dense_dir / "model.safetensors"], table="train"),
+    Stage("calibrate", _calibrate, lambda lay: [lay.calibrate_json, lay.calibrated_dir / "config.json"]),
+    Stage("finetune", _finetune, lambda lay: [lay.finetune_json, lay.finetuned_dir / "config.json"], table="finetune"),
+    Stage("export", _export, lambda lay: [lay.nenni_onnx, lay.dense_onnx, lay.export_nenni_json]),
+    Stage("check", _check, lambda lay: [lay.check_json]),
+    Stage("bench", _bench, lambda lay: [lay.bench_json, lay.bench_png], table="bench"),
+    Stage("eval", _eval, lambda lay: [lay.eval_nenni_json, lay.eval_dense_json], table="eval"),
+)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def run_pipeline(
+    cfg: PipelineConfig, invoke: Invoke, force: bool = False, echo: Callable[[str], None] = print
+) -> dict[str, dict[str, Any]]:
+    """Run every enabled stage in order; returns {stage: {"status": ran|skipped, "seconds", "commands"}}."""
+    lay = Layout(cfg.out)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    state = {} if force else _read_state(lay.state)
+    done: dict[str, dict[str, Any]] = {}
+    rerun = force
+    for stage in STAGES:
+        if not stage.enabled(cfg):
+            continue
+        commands = stage.commands(cfg, lay)
+        previous = state.get(stage.name, {})
+        if not rerun and previous.get("commands") == commands and all(p.exists() for p in stage.outputs(lay)):
+            echo(f"[{stage.name}] done earlier with the same arguments: skipped (--force reruns it)")
+            done[stage.name] = {**previous, "status": "skipped"}
+            continue
+        rerun = True
+        start = time.perf_counter()
+        for args in commands:
+            invoke(args)
+        done[stage.name] = {"status": "ran", "seconds": time.perf_counter() - start, "commands": commands}
+        state[stage.name] = done[stage.name]
+        with atomic_output(lay.state) as tmp:
+            tmp.write_text(json.dumps(state, indent=2) + "\n")
+    return done
