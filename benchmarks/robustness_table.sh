@@ -30,11 +30,14 @@ NENNI=${NENNI:-.venv/bin/nenni}
 export OMP_NUM_THREADS=$THREADS
 
 DATA=(--data cifar10 --data-dir "$SHARED/data/cifar10")
+# resnet20at: the fast-AT ResNet-20 of benchmarks/robust_resnet20.sh (8/255; not in ../shared, train it first).
 declare -A WEIGHTS=(
   [resnet20]="$SHARED/weights/cifar10/akamaster/resnet20-12fca82f.th"
   [resnet4b]="$SHARED/weights/cifar10/abcrown/resnet4b.pth"
+  [resnet20at]="${ROBUST_R20:-runs/robust8/fast/model.safetensors}"
 )
-declare -A EPS=([resnet20]="1/255,2/255,4/255" [resnet4b]="2/255,4/255,8/255")
+declare -A ARCH_OF=([resnet20at]=resnet20)
+declare -A EPS=([resnet20]="1/255,2/255,4/255" [resnet4b]="2/255,4/255,8/255" [resnet20at]="2/255,4/255,8/255")
 # Settings found by a calibration sweep on the first 1,000 test images (docs/results.md): the configuration of
 # each granularity that stays within 1 point of dense accuracy; the gaussian model adds noise to the element one.
 declare -A SETTINGS=(
@@ -46,6 +49,8 @@ declare -A SETTINGS=(
   [resnet4b-nm]="${R4B_NM:---granularity nm --nm 4:8 --proj-dim n/2 --include layer2.1.*}"
   [resnet4b-channel]="--granularity channel --ratio 0.95 --proj-dim 1.0"
   [resnet4b-gaussian]="--granularity element --ratio 0.95 --proj-dim n/2 --noise gaussian --noise-scale 1.0"
+  [resnet20at-element]="--granularity element --ratio 0.95 --proj-dim n/2"
+  [resnet20at-gaussian]="--granularity element --ratio 0.95 --proj-dim n/2 --noise gaussian --noise-scale 1.0"
 )
 
 mkdir -p "$OUT"
@@ -56,7 +61,7 @@ for arch in $ARCHS; do
     dir="$OUT/models/$arch-${variant/dense/element}"
     if [ ! -f "$dir/config.json" ]; then
       # shellcheck disable=SC2086
-      nice -n 19 "$NENNI" calibrate --arch "$arch" --weights "${WEIGHTS[$arch]}" "${DATA[@]}" \
+      nice -n 19 "$NENNI" calibrate --arch "${ARCH_OF[$arch]:-$arch}" --weights "${WEIGHTS[$arch]}" "${DATA[@]}" \
         ${SETTINGS[$arch-${variant/dense/element}]} --calib-n 1024 --eval-n 1000 --threads "$THREADS" --out "$dir"
     fi
     onnx="$OUT/models/$tag.onnx"
