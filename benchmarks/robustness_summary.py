@@ -1,6 +1,6 @@
 """One Markdown table from the `nenni eval` JSON files of benchmarks/robustness_table.sh.
 
-Usage: python benchmarks/robustness_summary.py OUT_DIR > table.md
+Usage: python benchmarks/robustness_summary.py OUT_DIR [--plot PNG] > table.md
 Columns group the suite's rows: PGD-CS is the minimum over its layers and transfer the minimum over surrogates and
 methods; "worst" is the minimum over every row (the honest robust accuracy) and "all" the images that survive
 every attack. Accuracies are on the ONNX Runtime model, in percent.
@@ -24,8 +24,40 @@ GROUPS = [
 ]
 
 
+def plot(out: Path, png: Path) -> None:
+    """Worst-case robust accuracy per eps, one panel per model, one bar per variant (dense first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports: dict[str, dict[str, dict]] = {}
+    for path in sorted(out.glob("*.json")):
+        report = json.loads(path.read_text())
+        if "worst_case" in report:
+            arch, _, variant = path.stem.partition("-")
+            reports.setdefault(arch, {})[variant] = report
+    fig, axes = plt.subplots(1, len(reports), figsize=(5.5 * len(reports), 4), squeeze=False)
+    for ax, (arch, variants) in zip(axes[0], sorted(reports.items()), strict=True):
+        names = sorted(variants, key=lambda v: (v != "dense", v))
+        eps = variants[names[0]]["eps"]
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            values = [variants[name]["worst_case"].get(e, float("nan")) for e in eps]
+            bars = ax.bar([j + i * width for j in range(len(eps))], values, width, label=name)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(eps))], eps)
+        images = variants[names[0]]["data"]["images"]
+        ax.set(title=f"{arch}: worst case over every attack ({images} images)", xlabel="eps (Linf)", ylabel="%")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def main() -> None:
     out = Path(sys.argv[1])
+    if "--plot" in sys.argv:
+        plot(out, Path(sys.argv[sys.argv.index("--plot") + 1]))
     headers = ["model", "variant", "eps", "clean", *(g for g, _ in GROUPS), "worst", "set by", "all", "agree min"]
     print("| " + " | ".join(headers) + " |")
     print("|" + "|".join("---" for _ in headers) + "|")
