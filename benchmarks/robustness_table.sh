@@ -24,6 +24,7 @@ EOT=${EOT:-20}
 AA=${AA:-}                  # default: AutoAttack standard (deterministic) / rand (randomised), 100 iterations
 CS=${CS:-}                  # e.g. "--cs-layers layer2"; default: each stage
 ATTACKS=${ATTACKS:-}        # e.g. "pgd,autoattack,bpda,eot,transfer"; default: every attack that applies
+EPS_LIST=${EPS_LIST:-}      # e.g. "1/255,2/255"; default: the budgets per model (below)
 TRANSFER_STEPS=${TRANSFER_STEPS:-20}
 THREADS=${THREADS:-1}
 NENNI=${NENNI:-.venv/bin/nenni}
@@ -72,7 +73,7 @@ for arch in $ARCHS; do
     fi
     echo "== $tag $(date -u +%H:%M:%S)"
     # shellcheck disable=SC2086
-    nice -n 19 "$NENNI" eval "$onnx" --source "$dir" "${DATA[@]}" --n "$N" --eps "${EPS[$arch]}" \
+    nice -n 19 "$NENNI" eval "$onnx" --source "$dir" "${DATA[@]}" --n "$N" --eps "${EPS_LIST:-${EPS[$arch]}}" \
       --steps "$STEPS" --restarts "$RESTARTS" --eot-samples "$EOT" --transfer-steps "$TRANSFER_STEPS" $AA $CS \
       ${ATTACKS:+--attack "$ATTACKS"} \
       --threads "$THREADS" --no-progress --json "$OUT/$tag.json" --plot "$OUT/$tag.png"
