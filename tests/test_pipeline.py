@@ -160,3 +160,23 @@ def test_pipeline_runs_every_stage_and_reports_their_numbers(tmp_path):
     state = json.loads((out / "summary.json").read_text())["stages"]
     assert state["eval"]["status"] == "ran" and state["bench"]["status"] == "skipped"
     assert json.loads((out / "eval-nenni.json").read_text())["eps"] == ["0.05"]
+
+
+def test_pipeline_imports_a_checkpoint_without_training(tmp_path):
+    """[model] weights and no [train] table: calibrate the given checkpoint; stages without a table do not run."""
+    trained = tmp_path / "dense"
+    assert invoke("train", "--arch", "small_cnn", "--data", "digits", "--epochs", "6", "--batch-size", "64",
+                  "--out", trained, "--threads", "1", "--no-progress").exit_code == 0  # fmt: skip
+    config = tmp_path / "import.toml"
+    config.write_text(
+        f'out = "{tmp_path / "run"}"\nthreads = 1\n[model]\narch = "small_cnn"\n'
+        f'weights = "{trained / "model.safetensors"}"\n[calibrate]\nratio = 0.75\ncalib-n = 256\neval-n = 100\n'
+        "[export]\n[check]\nn = 50\n"
+    )
+    result = invoke("pipeline", config)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert list(summary["stages"]) == ["calibrate", "export", "check"]
+    assert summary["weights"] == str(trained / "model.safetensors")
+    assert summary["speed"] is None and summary["robustness"] is None
+    assert "## Speed" not in (tmp_path / "run" / "report.md").read_text()
