@@ -27,13 +27,7 @@ def _split_patterns(text: str | None) -> list[str] | None:
     help="Checkpoint (.safetensors, or a torch file loaded with weights_only=True).",
 )
 @data_options()
-@click.option(
-    "--ratio",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.5,
-    show_default=True,
-    help="Essential fraction per layer.",
-)
+@click.option("--ratio", type=float, default=0.5, show_default=True, help="Essential fraction per layer.")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="channel", show_default=True)
 @click.option("--nm", default="4:8", show_default=True, help="N:M pattern for --granularity nm.")
 @click.option(
