@@ -87,11 +87,11 @@ def table_to_args(table: dict[str, Any]) -> list[str]:
 
 def load_config(spec: str | os.PathLike) -> PipelineConfig:
     """Read a config file, or a built-in one by name (`demo`, ...)."""
-    path = Path(spec)
+    path, label = Path(spec), str(spec)
     if not path.exists():
         builtin = builtin_configs()
         if str(spec) in builtin:
-            path = builtin[str(spec)]
+            path, label = builtin[str(spec)], f"{spec} (built in: nenni_deploy/pipeline/configs/{spec}.toml)"
         else:
             names = ", ".join(sorted(builtin))
             raise NenniError(f"no config file {spec} (built-in configs: {names})")
@@ -101,7 +101,7 @@ def load_config(spec: str | os.PathLike) -> PipelineConfig:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise NenniError(f"{path} is not a valid TOML config: {exc}") from None
-    return parse_config(raw, str(path))
+    return parse_config(raw, label)
 
 
 def parse_config(raw: dict[str, Any], source: str = "<config>") -> PipelineConfig:
