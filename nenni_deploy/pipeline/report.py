@@ -238,8 +238,8 @@ def markdown(s: dict[str, Any], lay: Layout) -> str:
             out += ["", f"Every attack, {label} (clean {_fmt(r['clean'][label])} %):", ""]
             eps = [e["eps"] for e in r["per_eps"]]
             out.append(_table(["attack", *eps], [[n, *(_fmt(a.get(e)) for e in eps)] for n, a in attacks.items()]))
-            for name, why in r["skipped"][label].items():
-                out.append(f"\n- not run: {name}: {why}")
+            skipped = [f"- not run: {name}: {why}" for name, why in r["skipped"][label].items()]
+            out += ["", *skipped] if skipped else []
         out += ["", f"![NENNI]({lay.eval_nenni_png.name}) ![dense]({lay.eval_dense_png.name})"]
         if r["warnings"]:
             out += ["", "### Sanity-check warnings", ""] + [f"- {w}" for w in r["warnings"]]
