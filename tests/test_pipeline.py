@@ -180,3 +180,33 @@ def test_pipeline_imports_a_checkpoint_without_training(tmp_path):
     assert summary["weights"] == str(trained / "model.safetensors")
     assert summary["speed"] is None and summary["robustness"] is None
     assert "## Speed" not in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.shared
+def test_builtin_cifar10_config_runs_on_the_shared_checkpoint(tmp_path, monkeypatch, shared_dir):
+    """The built-in ResNet-4B config (imported checkpoint, noisy element NENNI) end to end on real CIFAR-10, with
+    every stage shrunk to seconds: the config's paths, the noise checks and EOT/AutoAttack rand on a real model."""
+    from dataclasses import replace
+
+    from nenni_deploy.cli.pipeline import invoke_command
+    from nenni_deploy.pipeline import run_pipeline, summarise
+
+    monkeypatch.setenv("NENNI_SHARED", str(shared_dir))
+    cfg = load_config("cifar10-resnet4b")
+    tables = {
+        **cfg.tables,
+        "calibrate": {**cfg.tables["calibrate"], "calib-n": 256, "eval-n": 200},
+        "check": {"n": 100},
+        "bench": {"batch": [1, 4], "iterations": 10, "rounds": 2, "warmup": 0},
+        "eval": {"n": 20, "eps": "8/255", "steps": 2, "eot-samples": 2, "aa-iters": 2, "transfer-steps": 2,
+                 "transfer-methods": "pgd"},
+    }  # fmt: skip
+    cfg = replace(cfg, out=tmp_path / "r4b", threads=1, tables=tables)
+    stages = run_pipeline(cfg, invoke_command)
+    summary = summarise(cfg, stages, 0.0)
+    assert list(stages) == ["calibrate", "export", "check", "bench", "eval"]
+    assert summary["nenni_config"]["noise"] == "gaussian"
+    assert summary["accuracy"]["dense"] > 60  # the adversarially trained checkpoint (77 % on 1,000 images)
+    nenni_eval = json.loads((tmp_path / "r4b" / "eval-nenni.json").read_text())
+    assert nenni_eval["target"]["randomised"]
+    assert "autoattack-rand" in nenni_eval["attacks"] and any(n.startswith("eot") for n in nenni_eval["attacks"])
