@@ -107,6 +107,14 @@ def test_eval_json_worst_case_plot_and_resume(models, tmp_path):
         assert accs[report["worst_case_attack"][label]] == report["worst_case"][label]
         assert report["worst_case_per_image"][label] <= report["worst_case"][label]
         assert all(a <= report["clean_accuracy"] for a in accs.values())
+        # per-image survivors: each attack's accuracy is its survivor count, and surviving every attack is their
+        # intersection
+        survivors = [set(a["robust_indices"][label]) for a in report["attacks"].values()]
+        for a in report["attacks"].values():
+            assert len(a["robust_indices"][label]) / 60 * 100 == pytest.approx(a["accuracy"][label])
+        every = report["worst_case_detail"][label]["robust_indices"]
+        assert set(every) == set.intersection(*survivors)
+        assert len(every) / 60 * 100 == pytest.approx(report["worst_case_per_image"][label])
     assert report["worst_case"]["0.2"] <= report["worst_case"]["0.05"]
     assert "worst case" in result.output and "bpda-exact" in result.output
     # A rerun with the same arguments reads every chunk from the cache: same numbers, nothing recomputed.

@@ -251,7 +251,13 @@ def worst_case(results: list[RowResult], eps_labels: list[str]) -> dict[str, dic
             continue
         acc, name = min(scored)
         every = np.logical_and.reduce([np.asarray(r.correct[label]) for r in results if label in r.correct])
-        out[label] = {"accuracy": acc, "attack": name, "per_image": float(every.mean() * 100)}
+        # Which images survive every attack: two models evaluated on the same images compare pairwise (McNemar).
+        out[label] = {
+            "accuracy": acc,
+            "attack": name,
+            "per_image": float(every.mean() * 100),
+            "robust_indices": np.flatnonzero(every).tolist(),
+        }
     return out
 
 
@@ -312,8 +318,10 @@ def sanity_warnings(
 
 
 def to_json(r: RowResult) -> dict[str, Any]:
+    """The row's numbers; per image, only the indices of the images that survived (compact, and enough to pair)."""
     d = asdict(r)
-    d.pop("correct")
+    correct = d.pop("correct")
+    d["robust_indices"] = {label: np.flatnonzero(c).tolist() for label, c in correct.items()}
     return d
 
 
