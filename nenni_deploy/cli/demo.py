@@ -8,7 +8,7 @@ from .pipeline import pipeline_options, run
 
 
 @click.command(name="demo")
-@pipeline_options
+@pipeline_options()
 def command(out, threads, force, dry_run):
     """Train a small CNN on digits, make it NENNI, fine-tune, export both models to ONNX, check, benchmark them side
     by side, attack both (white-box, adaptive, transfer, replayed on ONNX Runtime), and write a report folder.

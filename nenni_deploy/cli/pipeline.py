@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import NenniError
+from .options import _compose
 
 
 def invoke_command(args: list[str]) -> None:
@@ -64,27 +65,23 @@ def run(config, force: bool, dry_run: bool, out: Path | None, threads: int | Non
     return summary
 
 
-def pipeline_options(func):
-    for decorator in reversed(
-        [
-            click.option(
-                "--out",
-                type=click.Path(file_okay=False, path_type=Path),
-                default=None,
-                help="Output folder (default: the config's `out`).",
-            ),
-            click.option("--threads", type=click.IntRange(1, 256), default=None, help="Override the config's threads."),
-            click.option("--force", is_flag=True, help="Rerun every stage, even those done with the same arguments."),
-            click.option("--dry-run", is_flag=True, help="Print the commands the stages would run, run nothing."),
-        ]
-    ):
-        func = decorator(func)
-    return func
+def pipeline_options():
+    return _compose(
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=None,
+            help="Output folder (default: the config's `out`).",
+        ),
+        click.option("--threads", type=click.IntRange(1, 256), default=None, help="Override the config's threads."),
+        click.option("--force", is_flag=True, help="Rerun every stage, even those done with the same arguments."),
+        click.option("--dry-run", is_flag=True, help="Print the commands the stages would run, run nothing."),
+    )
 
 
 @click.command(name="pipeline")
 @click.argument("config")
-@pipeline_options
+@pipeline_options()
 def command(config, out, threads, force, dry_run):
     """Run the stages CONFIG (a TOML file, or a built-in name: demo, cifar10-resnet20, cifar10-resnet4b) sets up:
     train or import, calibrate, fine-tune, export, check, bench, eval; then write OUT/report.md and summary.json.

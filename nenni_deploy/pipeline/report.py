@@ -5,6 +5,7 @@ Every number here is read from a stage's own output; a stage that did not run le
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -14,14 +15,18 @@ from ..tables import format_table
 from .config import PipelineConfig
 from .stages import Layout
 
+# The stage outputs the report reads, by their Layout name; each is read once per report.
+SOURCES = ("train_json", "calibrate_json", "finetune_json", "check_json", "bench_json", "eval_nenni_json",
+           "eval_dense_json")  # fmt: skip
+
 
 def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _accuracy(cfg: PipelineConfig, lay: Layout) -> dict[str, Any]:
-    cal = _load(lay.calibrate_json) or {}
-    train, ft, check = _load(lay.train_json), _load(lay.finetune_json), _load(lay.check_json)
+def _accuracy(js: dict[str, dict | None]) -> dict[str, Any]:
+    cal = js["calibrate_json"] or {}
+    train, ft, check = js["train_json"], js["finetune_json"], js["check_json"]
     acc = {
         "images": cal.get("eval_images"),
         "dense": cal.get("dense_accuracy"),
@@ -42,14 +47,14 @@ def _accuracy(cfg: PipelineConfig, lay: Layout) -> dict[str, Any]:
     return acc
 
 
-def _cost(lay: Layout) -> dict[str, Any]:
-    totals = ((_load(lay.calibrate_json) or {}).get("cost") or {}).get("totals", {})
+def _cost(js: dict[str, dict | None]) -> dict[str, Any]:
+    totals = ((js["calibrate_json"] or {}).get("cost") or {}).get("totals", {})
     keys = ("macs_dense", "macs_nenni", "mac_reduction", "bitops_dense", "bitops_nenni", "bitops_reduction")
     return {k: totals.get(k) for k in keys}
 
 
-def _speed(lay: Layout) -> dict[str, Any] | None:
-    bench = _load(lay.bench_json)
+def _speed(js: dict[str, dict | None]) -> dict[str, Any] | None:
+    bench = js["bench_json"]
     if bench is None:
         return None
     rows = []
@@ -79,8 +84,8 @@ def _speed(lay: Layout) -> dict[str, Any] | None:
     }
 
 
-def _robustness(lay: Layout) -> dict[str, Any] | None:
-    nenni, dense = _load(lay.eval_nenni_json), _load(lay.eval_dense_json)
+def _robustness(js: dict[str, dict | None]) -> dict[str, Any] | None:
+    nenni, dense = js["eval_nenni_json"], js["eval_dense_json"]
     if nenni is None or dense is None:
         return None
     per_eps = []
@@ -144,7 +149,8 @@ def headline(s: dict[str, Any]) -> list[str]:
 
 def summarise(cfg: PipelineConfig, stages: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
     lay = Layout(cfg.out)
-    cal = _load(lay.calibrate_json) or {}
+    js = {name: _load(getattr(lay, name)) for name in SOURCES}
+    cal = js["calibrate_json"] or {}
     s: dict[str, Any] = {
         "schema": "nenni-pipeline",
         "schema_version": 1,
@@ -153,22 +159,16 @@ def summarise(cfg: PipelineConfig, stages: dict[str, dict[str, Any]], seconds: f
         "arch": cfg.arch,
         "weights": str(cfg.weights) if cfg.weights else None,
         "nenni_config": cal.get("config"),
-        "accuracy": _accuracy(cfg, lay),
-        "cost": _cost(lay),
-        "speed": _speed(lay),
-        "robustness": _robustness(lay),
+        "accuracy": _accuracy(js),
+        "cost": _cost(js),
+        "speed": _speed(js),
+        "robustness": _robustness(js),
         "stages": {k: {"status": v["status"], "seconds": v.get("seconds")} for k, v in stages.items()},
-        "machine": {"cpu_count": _cpus(), "platform": platform.platform()},
+        "machine": {"cpu_count": len(os.sched_getaffinity(0)), "platform": platform.platform()},
         "seconds": seconds,
     }
     s["headline"] = headline(s)
     return s
-
-
-def _cpus() -> int | None:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
