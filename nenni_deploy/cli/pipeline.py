@@ -28,7 +28,8 @@ def preflight(args: list[str]) -> None:
     before the first stage spends an hour training."""
     from . import main
 
-    with click.Context(main, info_name="nenni") as ctx:
+    # The root's context settings (-h) must reach the subcommand: click caches its help option on first parse.
+    with click.Context(main, info_name="nenni", **main.context_settings) as ctx:
         command = main.get_command(ctx, args[0])
         try:
             command.make_context(args[0], list(args[1:]), parent=ctx).close()
