@@ -25,6 +25,19 @@ def model(nodes, inits, B, C, H, out="Y"):
     return m
 
 
+def scatter_into_prediction(c, B, K, L, n, H):
+    """Static-batch tail: the K exact rows `ex` (B, K, L) overwrite the prediction `pf` (B, n, L) at `idx`."""
+    return [
+        h.make_node("Unsqueeze", ["idx", "ax2"], ["idx2"]),
+        c("ax2", np.array([2], np.int64)),
+        h.make_node("Expand", ["idx2", "exs"], ["idxe"]),
+        c("exs", np.array([B, K, L], np.int64)),
+        h.make_node("ScatterElements", ["pf", "idxe", "ex"], ["yf"], axis=1),
+        h.make_node("Reshape", ["yf", "ys"], ["Y"]),
+        c("ys", np.array([B, n, H, H], np.int64)),
+    ]
+
+
 def build(variant, B, C, H, ratio, kproj):
     rng = np.random.default_rng(0)
     n = C
@@ -134,20 +147,13 @@ def build(variant, B, C, H, ratio, kproj):
             c("es", np.array([B, K, L], np.int64)),
             h.make_node("Reshape", ["pred", "s1"], ["pf"]),
             c("s1", np.array([0, 0, -1], np.int64)),
-            h.make_node("Unsqueeze", ["idx", "ax2"], ["idx2"]),
-            c("ax2", np.array([2], np.int64)),
-            h.make_node("Expand", ["idx2", "exs"], ["idxe"]),
-            c("exs", np.array([B, K, L], np.int64)),
-            h.make_node("ScatterElements", ["pf", "idxe", "ex"], ["yf"], axis=1),
-            h.make_node("Reshape", ["yf", "ys"], ["Y"]),
-            c("ys", np.array([B, n, H, H], np.int64)),
+            *scatter_into_prediction(c, B, K, L, n, H),
         ]
     elif body == "fused":
         # static batch: scores from AveragePool window means (no full-res projection before selection);
         # one grouped conv computes the K essential filters and the k projection filters together.
         nodes = []  # replaces the generic prediction
         inits["Wa2"] = Wa[:, :, 0, 0].copy()  # (n, k)
-        inits["PP"] = P
         nodes += [
             h.make_node("Pad", ["X", "pads"], ["xp"]),
             c("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
@@ -178,13 +184,7 @@ def build(variant, B, C, H, ratio, kproj):
             h.make_node("MatMul", ["Wa2", "u"], ["pm"]),  # (B,n,L)
             h.make_node("Add", ["pm", "Ba3"], ["pf"]),
             c("Ba3", Ba[:, None]),
-            h.make_node("Unsqueeze", ["idx", "ax2"], ["idx2"]),
-            c("ax2", np.array([2], np.int64)),
-            h.make_node("Expand", ["idx2", "exs"], ["idxe"]),
-            c("exs", np.array([B, K, L], np.int64)),
-            h.make_node("ScatterElements", ["pf", "idxe", "ex"], ["yf"], axis=1),
-            h.make_node("Reshape", ["yf", "ys"], ["Y"]),
-            c("ys", np.array([B, n, H, H], np.int64)),
+            *scatter_into_prediction(c, B, K, L, n, H),
         ]
         inits["P5"] = P[None]
     elif body == "predonly":
