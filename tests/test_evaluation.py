@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from nenni_deploy.attacks.budget import parse_eps, parse_eps_list
 from nenni_deploy.cli import main
 from nenni_deploy.data import load_dataset
 from nenni_deploy.errors import NenniError
-from nenni_deploy.attacks.budget import parse_eps, parse_eps_list
 from nenni_deploy.evaluation.run import Cache, Evaluation, RowResult, check_budget, sanity_warnings, worst_case
 from nenni_deploy.evaluation.suite import Settings, parse_attacks, plan
 from nenni_deploy.evaluation.targets import load_surrogates, load_target

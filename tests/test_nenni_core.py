@@ -10,7 +10,7 @@ import torch
 from _nets import tiny_net
 from torch import nn
 
-from nenni_deploy.errors import NenniError, UnsupportedLayerError
+from nenni_deploy.errors import NenniError
 from nenni_deploy.nenni import selection
 from nenni_deploy.nenni.config import LayerSpec, NenniConfig, parse_nm, resolve_proj_dim
 from nenni_deploy.nenni.convert import analyse, conversion_plan, convert, fold_batchnorm
