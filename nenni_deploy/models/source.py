@@ -66,7 +66,7 @@ class ModelSource:
     def label(self) -> str:
         return self.arch or self.origin or str(self.entrypoint)
 
-    def build(self, *, weights: str | os.PathLike | None = None, base_dir: Path | None = None) -> nn.Module:
+    def build(self, *, weights: str | os.PathLike | None = None) -> nn.Module:
         """The architecture (with `weights` loaded into it), behind its input normalisation, in eval mode."""
         if self.arch is not None:
             kwargs = dict(self.kwargs)
@@ -74,20 +74,21 @@ class ModelSource:
                 kwargs.setdefault("num_classes", self.num_classes)
             module = create_model(self.arch, **kwargs)
         else:
-            module = self._call(base_dir)
+            module = self._call()
         if weights is not None:
             load_checkpoint(module, weights)
         if self.mean is not None:
             module = Normalized(module, self.mean, self.std)
         return module.eval()
 
-    def _call(self, base_dir: Path | None) -> nn.Module:
-        if base_dir is not None and self.source_sha256:
-            copied = base_dir / split_entrypoint(self.entrypoint)[0]
+    def _call(self) -> nn.Module:
+        module_name, _ = split_entrypoint(self.entrypoint)
+        if self.source_sha256 and is_file_module(module_name):
+            copied = Path(module_name)
             if copied.is_file() and sha256_file(copied) != self.source_sha256:
                 raise NenniError(f"{copied}: sha256 does not match config.json (the model source changed)")
         try:
-            return call_entrypoint(self.entrypoint, self.kwargs, base_dir=base_dir)
+            return call_entrypoint(self.entrypoint, self.kwargs)
         except NenniError as copy_failed:
             # A module copied out of its package loses its relative imports: the installed package may still be
             # importable by its original name.
@@ -98,20 +99,32 @@ class ModelSource:
                     pass
             raise copy_failed from None
 
+    def located(self, base_dir: Path) -> ModelSource:
+        """The source of a model directory, with its copied entry point named by an absolute path."""
+        if self.entrypoint is None:
+            return self
+        module_name, func = split_entrypoint(self.entrypoint)
+        if not is_file_module(module_name) or Path(module_name).is_absolute():
+            return self
+        return dataclasses.replace(self, entrypoint=f"{(Path(base_dir) / module_name).resolve()}:{func}")
+
     def packaged(self, folder: Path) -> ModelSource:
         """Copy the entry point's source file into `folder/source/` and point at the copy (relative to `folder`)."""
-        if self.arch is not None or self.source_sha256:
-            return self  # registered, or already a copy inside a model directory
+        if self.arch is not None:
+            return self
         src = source_file(self.entrypoint)
         if src is None or not src.is_file():
             return self
+        digest = sha256_file(src)
+        if self.source_sha256 and digest != self.source_sha256:
+            raise NenniError(f"{src}: sha256 does not match the recorded model source (the file changed)")
         _, func = split_entrypoint(self.entrypoint)
         target = Path(folder) / SOURCE_FOLDER / src.name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, target)
         relative = f"{SOURCE_FOLDER}/{src.name}:{func}"
         return dataclasses.replace(
-            self, entrypoint=relative, origin=self.origin or self.entrypoint, source_sha256=sha256_file(target)
+            self, entrypoint=relative, origin=self.origin or self.entrypoint, source_sha256=digest
         )
 
     def to_dict(self) -> dict[str, Any]:

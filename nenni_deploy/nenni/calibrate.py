@@ -51,9 +51,10 @@ def calibrate(
     """Dense accuracy, conversion, layer-by-layer fitting, NENNI accuracy and cost, on the given tensors."""
     model.eval()
     plan = conversion_plan(model, config)  # first: a setting that cannot apply fails before any long evaluation
-    specs = apply_plan(model, plan)
-    set_mode(model, "exact")  # the folded base model, identical to the dense one
+    # The model as given (before batch norm is folded): the accuracy its owner measures.
     dense_acc = accuracy(model, test_x, test_y, batch_size, "dense accuracy" if progress else None)
+    specs = apply_plan(model, plan)
+    set_mode(model, "exact")
     batches = calibration_batches(calib_x, calib_n, batch_size, config.seed)
     start = time.perf_counter()
     fits = fit(model, batches, ridge=config.ridge, progress=progress)

@@ -177,9 +177,10 @@ def _upgrade_v1(card: dict[str, Any]) -> dict[str, Any]:
     return card
 
 
-def model_source(card: dict[str, Any]) -> ModelSource:
+def model_source(card: dict[str, Any], model_dir: str | os.PathLike) -> ModelSource:
+    """How to rebuild the directory's architecture (its copied entry point named by an absolute path)."""
     try:
-        return ModelSource.from_dict(card["model"])
+        return ModelSource.from_dict(card["model"]).located(Path(model_dir))
     except (TypeError, KeyError) as exc:
         raise NenniError(f"malformed model source in config.json ({exc})") from None
 
@@ -218,8 +219,8 @@ def load_model_dir(model_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, A
     if card.get("weights_sha256") is None:
         raise NenniError(f"{d / CONFIG_FILE} records no weights_sha256")
     state = _load_state(d / WEIGHTS_FILE, card["weights_sha256"])
-    source = model_source(card)
-    model = source.build(base_dir=d)
+    source = model_source(card, d)
+    model = source.build()
     kind = card["kind"]
     if kind == "nenni":
         try:
@@ -260,7 +261,7 @@ def load_base_model(model_dir: str | os.PathLike, model: nn.Module | None = None
         module = model if model is not None else load_model_dir(d)[0]
         return BaseModel(module, card["weights_sha256"])
     if card.get("base_weights_sha256"):
-        module = model_source(card).build(base_dir=d)
+        module = model_source(card, d).build()
         _load_into(module, _load_state(d / BASE_FILE, card["base_weights_sha256"]), d / BASE_FILE, "its base")
         return BaseModel(module.eval(), card["base_weights_sha256"])
     if card["kind"] == "pruned":

@@ -95,7 +95,7 @@ def load_model(
 
 def open_model_dir(path: str | os.PathLike) -> Model:
     module, card = load_model_dir(path)
-    return Model(module, model_source(card), card["kind"], data_spec(card), Path(path), card)
+    return Model(module, model_source(card, path), card["kind"], data_spec(card), Path(path), card)
 
 
 def parse_kwargs(text: str | None) -> dict[str, Any]:
