@@ -95,11 +95,16 @@ def init_distributed() -> int:
 
 
 def check_writable_dir(path: Path) -> None:
-    """Fail before any work if the output directory cannot be created."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NenniError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
+    """Fail before any work if the output directory cannot be created (without creating it: a later error must
+    leave nothing behind)."""
+    import os
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NenniError(f"cannot create output directory {path}: a file of that name exists")
+    existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise NenniError(f"cannot create output directory {path}: {existing} is not a writable folder")
 
 
 def _pct(v: float | None) -> str:

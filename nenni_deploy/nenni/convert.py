@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NenniError, UnsupportedLayerError
+from ..errors import NenniError, UnsupportedLayerError, first_line
 from .config import LayerSpec, NenniConfig, resolve_proj_dim
 from .layers import NenniLayer, ScaledConv2d, ScaledLinear
 from .projection import layer_seed
@@ -58,8 +58,24 @@ class ConversionPlan:
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types; the user needs one line
-        raise NenniError(f"cannot analyse the model with torch.fx ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # fx raises many types; the user needs one line, naming where
+        where = _untraceable_module(model)
+        at = f" in module {where[0]!r} ({where[1]})" if where else ""
+        raise NenniError(
+            f"cannot analyse the model with torch.fx{at}: {type(exc).__name__}: {first_line(exc)} "
+            "(data-dependent Python control flow cannot be traced)"
+        ) from None
+
+
+def _untraceable_module(model: nn.Module, prefix: str = "") -> tuple[str, str] | None:
+    """The deepest submodule that fx cannot trace on its own, as (name, class)."""
+    for name, child in model.named_children():
+        full = f"{prefix}{name}"
+        try:
+            fx.symbolic_trace(child)
+        except Exception:
+            return _untraceable_module(child, f"{full}.") or (full, type(child).__name__)
+    return None
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
