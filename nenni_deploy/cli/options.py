@@ -128,9 +128,7 @@ def model_and_data(kwargs: dict[str, Any], data_name, data_dir, image_size):
         data_name = model_info(arch).dataset
     spec = data_for(None, data_name, data_dir, image_size)
     train, test = spec.load("train"), spec.load("test")
-    model = pop_model(kwargs, data=train)
-    model.data = spec
-    return model, spec, train, test
+    return pop_model(kwargs, data=train), spec, train, test
 
 
 def json_option():
