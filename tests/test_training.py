@@ -29,14 +29,7 @@ from nenni_deploy.training import (
 )
 from nenni_deploy.training import checkpoint as ckpt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from two threads and lose a lot when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- schedule -----------------------------------------------------------------------------------------------

@@ -411,8 +411,11 @@ def run_bench(
     settings: BenchSettings,
     *,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """The whole benchmark: every batch size, both models interleaved, optional profile; a JSON-ready report."""
+    """The whole benchmark: every batch size, both models interleaved, optional profile; a JSON-ready report.
+
+    A baseline must be the same classifier's dense form (`check_pair`) unless `force`."""
     settings.validate()
     model = Subject.load("model", model_path)
     try:
@@ -422,10 +425,44 @@ def run_bench(
         raise
     subjects = [model] + ([baseline] if baseline else [])
     try:
-        return _run(model, baseline, subjects, settings, progress)
+        pairing = check_pair(model, baseline, force=force) if baseline else None
+        report = _run(model, baseline, subjects, settings, progress)
+        if pairing is not None:
+            report["pairing"] = pairing
+        return report
     finally:
         for s in subjects:
             s.close()
+
+
+def _output_width(subject: Subject) -> int | None:
+    if subject.loaded is None:
+        return None
+    dims = subject.loaded.proto.graph.output[0].type.tensor_type.shape.dim
+    return dims[-1].dim_value if len(dims) == 2 and dims[-1].HasField("dim_value") else None
+
+
+def check_pair(model: Subject, baseline: Subject, *, force: bool = False) -> dict[str, Any]:
+    """A speedup means something only against the same classifier: the same input and output shapes, and the
+    baseline's weights must be the dense model the candidate was made from (the hashes exports record)."""
+    problems = []
+    shapes = [s.input_shape(1)[1:] for s in (model, baseline)]
+    if shapes[0] != shapes[1]:
+        problems.append(f"inputs differ ({'x'.join(map(str, shapes[0]))} vs {'x'.join(map(str, shapes[1]))})")
+    widths = [_output_width(s) for s in (model, baseline)]
+    if None not in widths and widths[0] != widths[1]:
+        problems.append(f"outputs differ ({widths[0]} vs {widths[1]} classes)")
+    base = model.metadata.get("nenni.base_weights_sha256") or ""
+    theirs = {baseline.metadata.get("nenni.base_weights_sha256") or ""}
+    if baseline.metadata.get("nenni.kind", "dense") == "dense" and baseline.metadata.get("nenni.dense") != "true":
+        theirs.add(baseline.metadata.get("nenni.weights_sha256") or "")
+    theirs.discard("")
+    verified = bool(base and theirs)
+    if verified and base not in theirs:
+        problems.append("the baseline is not the dense model the candidate was made from (dense-base hashes differ)")
+    if problems and not force:
+        raise NenniError(f"--baseline {baseline.path} does not match {model.path}: {'; '.join(problems)} (--force)")
+    return {"verified": verified and not problems, "forced": bool(problems), "problems": problems}
 
 
 def _run(

@@ -22,7 +22,6 @@ from .targets import Target, TorchModel
 
 ATTACKS = ("pgd", "autoattack", "bpda", "eot", "pgd-cs", "transfer")
 TRANSFER_METHODS = ("pgd", "mifgsm", "di", "mi-di")
-FAMILIES = {"pgd": "white-box", "autoattack": "white-box", "bpda": "adaptive", "eot": "adaptive"}
 
 # (x, y, eps) -> (adversarial x, warnings)
 Craft = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, list[str]]]

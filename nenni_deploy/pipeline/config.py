@@ -51,7 +51,7 @@ RESERVED = {
     "finetune": {"data", "data-dir", "image-size", "out", "json", "threads", "progress"},
     "export": {"out", "dense", "json", "threads", "data", "data-dir", "image-size"},
     "check": {"data", "data-dir", "image-size", "json", "threads"},
-    "bench": {"baseline", "json", "plot", "threads", "quiet"},
+    "bench": {"baseline", "json", "plot", "threads", "progress"},
     "eval": {
         "source",
         "weights",

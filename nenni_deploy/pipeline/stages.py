@@ -125,7 +125,7 @@ def _check(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
 def _bench(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
     return [
         ["bench", str(lay.nenni_onnx), "--baseline", str(lay.dense_onnx), "--json", str(lay.bench_json),
-         "--plot", str(lay.bench_png), "--quiet", *_threads(cfg), *cfg.options("bench")]
+         "--plot", str(lay.bench_png), "--no-progress", *_threads(cfg), *cfg.options("bench")]
     ]  # fmt: skip
 
 
