@@ -88,6 +88,29 @@ def _with_tensors(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -
     return module.to(weight.device)
 
 
+MODES = ("nenni", "exact")  # the method, or the wrapped exact layer alone
+EXECUTIONS = ("masked", "skip")
+GRADIENTS = ("true", "exact", "approx")
+
+
+class _Choice:
+    """A string attribute that only takes one of its choices: a typo fails where it is set, not silently later."""
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.public, self.private = name, f"_{name}"
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.__dict__[self.private]
+
+    def __set__(self, obj, value: str) -> None:
+        if value not in self.choices:
+            raise ValueError(f"NenniLayer.{self.public} must be one of {', '.join(self.choices)}, got {value!r}")
+        obj.__dict__[self.private] = value
+
+
 class NenniLayer(nn.Module):
     """A frozen exact layer, a seeded ternary projection and a fitted approximator W~, b~.
 
@@ -95,6 +118,10 @@ class NenniLayer(nn.Module):
     `execution` is "masked" (computes everything, any granularity) or "skip" (channel granularity only: computes
     just the essential channels per sample). Both give the same result.
     """
+
+    mode = _Choice(MODES)
+    execution = _Choice(EXECUTIONS)
+    gradient = _Choice(GRADIENTS)
 
     def __init__(self, exact: ScaledConv2d | ScaledLinear, spec: LayerSpec) -> None:
         super().__init__()
