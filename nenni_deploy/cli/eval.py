@@ -202,7 +202,6 @@ def command(target_spec, **kw):
         notes = []
         if kw["count"] > len(ds):
             notes.append(f"--n {kw['count']}: the {data_name} test set has {len(ds)} images; evaluating all of them")
-            click.echo(f"note: {notes[-1]}")
         n = min(kw["count"], len(ds))
         x, y = ds.x[:n].float().contiguous(), ds.y[:n]
         if isinstance(target, BlackBoxTarget):
@@ -215,11 +214,10 @@ def command(target_spec, **kw):
         wants_transfer = attacks is None or "transfer" in attacks
         surrogates = load_surrogate_models(specs, target, x, ds.num_classes) if wants_transfer else []
         replay = load_adversarial(kw["adv_from"], x, y, settings.norm, config.eps) if kw["adv_from"] else None
-        report = evaluate(target, x, y, config, surrogates=surrogates, replay=replay, log=click.echo)
+        report = evaluate(target, x, y, config, surrogates=surrogates, replay=replay, notes=notes, log=click.echo)
     finally:
         target.close()
     report.data.update(name=data_name, split="test", first=n)
-    report.notes[:0] = notes
     payload = report.to_json()
     _print(payload)
     if kw["plot_path"]:
@@ -273,8 +271,6 @@ def _print(report) -> None:
         c = t["classifier"]
         kind += f", black box: {c['layout'].upper()} {c['output']}, {c['num_classes'] or '?'} classes"
     click.echo(f"target: {t['target']} ({kind}); {report['data']['images']} {report['data']['name']} test images")
-    for note in report["notes"]:
-        click.echo(f"note: {note}")
     if report["clean_agreement"] is not None:
         click.echo(
             f"clean: ONNX Runtime {report['clean_accuracy']:.2f} %, PyTorch {report['clean_accuracy_pytorch']:.2f} %, "

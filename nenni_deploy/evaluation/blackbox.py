@@ -60,7 +60,8 @@ class BlackBoxTarget(Target):
         clf = self.runner()
         if self.label_only:
             labels = clf.labels(x)
-            out = np.zeros((len(labels), max(int(labels.max()) + 1, 2)), np.float32)
+            width = max(int(labels.max()) + 1, self.classifier.spec.num_classes or 2)
+            out = np.zeros((len(labels), width), np.float32)
             out[np.arange(len(labels)), labels] = 1
             return out
         return clf.scores(x)
@@ -75,6 +76,8 @@ class BlackBoxTarget(Target):
     def bind(self, x: torch.Tensor, num_classes: int | None) -> None:
         """Check the data fits the graph (shape, layout, classes) and learn what the output holds."""
         spec = self.classifier.bind(x, num_classes)
+        if spec.output == "labels":
+            spec.num_classes = num_classes  # the data's: the graph does not say
         if spec.batch:
             self.notes.append(f"the graph has a fixed batch of {spec.batch}: inputs are split and padded to it")
         if spec.output == "probabilities":
