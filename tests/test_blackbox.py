@@ -13,6 +13,7 @@ import torch
 from _cli import assert_one_line_error, invoke
 from torch import nn
 
+from nenni_deploy.attacks.hopskipjump import HopSkipJump
 from nenni_deploy.attacks.square import Square, eta, margin_and_loss, p_selection
 from nenni_deploy.data import load_dataset
 from nenni_deploy.errors import NenniError
@@ -232,16 +233,40 @@ def test_api_evaluate_on_probabilities_matches_logits(zoo):
     assert np.mean(np.asarray(qa) == np.asarray(qb)) > 0.9
 
 
-def test_labels_only_graph_gets_transfer_and_skips_square(zoo, tmp_path):
+def test_labels_only_graph_gets_transfer_and_hopskipjump_in_squares_place(zoo, tmp_path):
     js = tmp_path / "l.json"
     result = _eval(
         zoo["labels"], "--n", "30", "--eps", "0.2", "--surrogate", f"small_cnn={zoo['other']}",
-        "--preset", "quick", "--json", js,
+        "--preset", "quick", "--queries", "300", "--json", js,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(js.read_text())
-    assert list(report["attacks"]) == ["transfer-pgd:small_cnn"]
+    assert list(report["attacks"]) == ["transfer-pgd:small_cnn", "hsj"]
     assert "labels only" in report["skipped"]["square"]
+    hsj = report["attacks"]["hsj"]
+    assert hsj["accuracy"]["0.2"] < report["clean_accuracy"] - 30
+    assert max(hsj["queries"]["0.2"]["per_image"]) <= 300
+    assert report["sanity"]["large_eps"]["attack"] == "hsj"
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.15), ("l2", 1.5)])
+def test_hopskipjump_needs_only_labels_and_keeps_its_budgets(zoo, norm, eps):
+    x, y = zoo["x"][:40], zoo["y"][:40]
+    calls = []
+
+    def labels(t):
+        calls.append(len(t))
+        return zoo["model"](t).argmax(1)
+
+    result = HopSkipJump(eps, norm=norm, queries=400, seed=2).perturb(labels, x, y)
+    d = (result.x_adv - x).flatten(1)
+    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert (size <= eps * (1 + 1e-5)).all() and result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    replayed = labels(result.x_adv) == y
+    assert torch.equal(replayed, ~result.fooled)
+    assert replayed.float().mean() < result.clean_correct.float().mean() - 0.3
+    assert result.queries.max() <= 400 and (result.queries[~result.clean_correct] == 0).all()
+    assert sum(calls) == len(x) * 2 + result.queries.sum()  # clean check, the replay above, and the counted queries
 
 
 def test_entry_point_surrogates_and_ensemble(zoo, tmp_path):

@@ -76,8 +76,9 @@ PIXEL_OPTIONS = ("input_range", "mean", "std", "layout")
     "--attack",
     "attacks",
     default=None,
-    help="Comma-separated: pgd, autoattack, bpda, eot, pgd-cs, transfer, square (default: the preset's, every "
-    "one that applies; a black-box ONNX target gets transfer and square).",
+    help="Comma-separated: pgd, autoattack, bpda, eot, pgd-cs, transfer, square, hsj (default: the preset's, "
+    "every one that applies; a black-box ONNX target gets transfer and square, or HopSkipJump (hsj) in Square's "
+    "place when the graph outputs labels only).",
 )
 @click.option(
     "--eps", "eps_text", default="8/255", show_default=True, help="Comma-separated budgets, e.g. 2/255,4/255."
@@ -121,7 +122,7 @@ PIXEL_OPTIONS = ("input_range", "mean", "std", "layout")
     "--queries",
     type=click.IntRange(1),
     default=None,
-    help="Square's query budget per image, the query on its starting point included [full: 5000].",
+    help="Query budget per image of Square and HopSkipJump (Square's starting point included) [full: 5000].",
 )
 @click.option(
     "--adv-from",

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import NenniError
 from .advfile import AdversarialSet
-from .blackbox import BlackBoxTarget, replay_rows, square_row, throughput
+from .blackbox import BlackBoxTarget, hsj_row, replay_rows, square_row, throughput
 from .budget import parse_eps_list
 from .run import Cache, Evaluation, applies, digest, images_digest, sanity_warnings, to_json, worst_case
 from .suite import ATTACKS, QUERY_ATTACKS, Row, Settings, plan
@@ -205,11 +205,14 @@ def plan_rows(
     rows, skipped = plan(target, gradient, settings, list(surrogates)) if gradient else ([], {})
     if "transfer" in skipped and target.source is None:
         skipped["transfer"] = "no surrogate: name models to craft on with --surrogate (ARCH=WEIGHTS, a model DIR)"
+    label_only = black and target.label_only
     if "square" in wanted:
-        if black and target.label_only:
-            skipped["square"] = "the graph outputs labels only: Square needs scores"
+        if label_only:
+            skipped["square"] = "the graph outputs labels only: Square needs scores (HopSkipJump runs instead)"
         else:
             rows.append(square_row(target, settings))
+    if "hsj" in wanted or (label_only and "square" in wanted):
+        rows.append(hsj_row(target, settings))
     if replay is not None:
         rows.extend(replay_rows(replay, config.eps))
     return rows, skipped
@@ -314,7 +317,7 @@ def evaluate(
 def _probe_row(rows: list[Row]) -> Row | None:
     """The attack the large-eps check runs: BPDA (with EOT) on NENNI, EOT on noise, else PGD-CE; with no
     gradient of the target, Square, else a transfer attack."""
-    for prefix in ("bpda-exact", "eot", "pgd-ce", "square", "transfer-pgd", "transfer"):
+    for prefix in ("bpda-exact", "eot", "pgd-ce", "square", "hsj", "transfer-pgd", "transfer"):
         for r in rows:
             if r.name.startswith(prefix):
                 return r
@@ -370,7 +373,7 @@ def _row_passes(row: Row, settings: Settings) -> tuple[str, float, float]:
         return "source", each[0], sum(each)
     if kind == "transfer":
         return f"surrogate:{c.get('surrogate')}", c.get("steps", settings.transfer_steps), c.get("steps", 0)
-    if kind == "square":
+    if kind in ("square", "hopskipjump"):
         q = c.get("queries", settings.queries)
         return "target", max(q / 100, 1), q
     return "target", 1, 1

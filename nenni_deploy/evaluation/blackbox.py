@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..attacks.hopskipjump import HopSkipJump
 from ..attacks.square import Square
 from ..errors import NenniError
 from ..runtime.classifier import OnnxClassifier, PixelConvention
@@ -221,6 +222,23 @@ def square_row(target: Target, settings: Settings) -> Row:
         return result.x_adv, [], {"queries": result.queries.tolist()}
 
     return Row("square", "score-based", config, craft, context=True)
+
+
+def hsj_row(target: Target, settings: Settings) -> Row:
+    """HopSkipJump on the deployed model's labels: for graphs that give no scores."""
+    attack = HopSkipJump(1.0, norm=settings.norm, queries=settings.queries, seed=settings.seed)
+    config = {k: v for k, v in attack.to_dict().items() if k != "eps"}
+    config["attack"] = "hopskipjump"
+
+    def labels(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(target.logits(x, settings.batch_size)).argmax(1))
+
+    def craft(x, y, eps, *, start=0, progress=None):
+        a = HopSkipJump(eps, norm=settings.norm, queries=settings.queries, seed=settings.seed)
+        result = a.perturb(labels, x, y, progress=progress)
+        return result.x_adv, [], {"queries": result.queries.tolist()}
+
+    return Row("hsj", "decision-based", config, craft, context=True)
 
 
 def replay_rows(adv: AdversarialSet, eps_list: list[tuple[str, float]]) -> list[Row]:

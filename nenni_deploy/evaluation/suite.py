@@ -21,7 +21,7 @@ from .targets import Target, TorchModel
 
 ATTACKS = ("pgd", "autoattack", "bpda", "eot", "pgd-cs", "transfer")
 # Attacks that need nothing but the deployed model's outputs (evaluation.blackbox builds their rows).
-QUERY_ATTACKS = ("square",)
+QUERY_ATTACKS = ("square", "hsj")
 TRANSFER_METHODS = ("pgd", "mifgsm", "di", "mi-di")
 # Families that differentiate the target's own PyTorch model: the masking checks compare the others to these.
 GRADIENT_FAMILIES = ("white-box", "adaptive", "feature")
