@@ -309,11 +309,28 @@ def test_adv_from_and_save_adv_round_trip(zoo, tmp_path):
     assert nhwc["robust_indices"] == replay["replay:adv@0.2"]["robust_indices"]
 
 
+def test_presets_set_defaults_that_options_override():
+    quick = settings_for("quick")
+    assert (quick.steps, quick.queries, quick.aa_attacks, quick.transfer_methods) == (
+        10,
+        1000,
+        ["apgd-ce", "apgd-dlr"],
+        ["pgd"],
+    )
+    assert settings_for("full") == settings_for() and settings_for("full").queries == 5000
+    mixed = settings_for("quick", steps=30, aa_version="standard")
+    assert mixed.steps == 30 and mixed.aa_version == "standard" and mixed.aa_attacks is None
+    assert settings_for("standard", queries=7).queries == 7
+    with pytest.raises(NenniError, match="unknown preset"):
+        settings_for("fast")
+
+
 def test_n_larger_than_the_test_set_takes_all_with_a_note(zoo, tmp_path):
     js = tmp_path / "n.json"
     result = _eval(zoo["nchw"], "--n", "5000", "--eps", "0.3", "--attack", "square", "--queries", "5", "--json", js)
     assert result.exit_code == 0, result.output
     assert "note: --n 5000: the digits test set has 450 images" in result.output
+    assert "estimated time:" in result.output.split("note:")[1]  # the estimate is printed before the work
     assert json.loads(js.read_text())["data"]["images"] == 450
 
 
