@@ -135,6 +135,22 @@ def test_every_convention_gives_the_pytorch_models_predictions(zoo, name):
         assert clf.images_run == len(x) * (2 if kind != "labels" else 1)  # padding of a fixed batch not counted
 
 
+def test_a_graph_dynamic_in_every_axis_needs_the_layout_stated(zoo, tmp_path):
+    path = tmp_path / "dyn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            zoo["model"], (torch.rand(2, 1, 8, 8),), str(path), input_names=["x"],
+            dynamic_axes={"x": {0: "n", 1: "c", 2: "h", 3: "w"}}, dynamo=False,
+        )  # fmt: skip
+    with pytest.raises(NenniError, match="pass --layout nchw or nhwc"):
+        with OnnxClassifier(path) as clf:
+            clf.bind(zoo["x"], 10)
+    with OnnxClassifier(path, PixelConvention(layout="nchw")) as clf:
+        assert clf.bind(zoo["x"], 10).layout == "nchw"
+        np.testing.assert_array_equal(clf.labels(zoo["x"]), zoo["model"](zoo["x"]).argmax(1).numpy())
+
+
 # -- Square ---------------------------------------------------------------------------------------------------
 def test_square_schedule_and_l2_pattern_follow_autoattack():
     assert [p_selection(0.8, i, 5000) for i in (0, 10, 11, 50, 51, 500, 501, 4001, 8001)] == [

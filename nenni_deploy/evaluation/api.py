@@ -230,13 +230,19 @@ def evaluate(
     log: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Attack `target` on (x, y) with every row the config and target allow; reduce to a worst case per eps and
-    check the evaluation for the signs of one that cannot be trusted. A black-box target must be bound to the
-    data first (`BlackBoxTarget.bind`); the caller closes the target."""
+    check the evaluation for the signs of one that cannot be trusted. A black-box target is bound to the data
+    here unless the caller did (`BlackBoxTarget.bind`, which also checks the class count); the caller closes it."""
     start = time.perf_counter()
     settings = config.settings
     say = log or (lambda _m: None)
     if len(x) != len(y) or len(x) == 0:
         raise NenniError(f"need as many labels as images (and at least one): got {len(x)} images, {len(y)} labels")
+    if is_black_box(target):
+        spec = target.classifier.spec
+        if spec.output is None:
+            target.bind(x, None)  # not bound by the caller: the class count is checked against the labels below
+        if spec.num_classes and int(y.max()) >= spec.num_classes:
+            raise NenniError(f"the labels go up to {int(y.max())} but {target.label} scores {spec.num_classes} classes")
     rows, skipped = plan_rows(target, config, surrogates, replay)
     if not rows:
         reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no attack was chosen"
