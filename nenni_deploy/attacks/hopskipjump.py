@@ -111,10 +111,9 @@ class HopSkipJump:
             if t == 1:
                 delta = torch.full((len(rows),), 0.1)
             else:
-                scale = d_theta = self._theta * x[0].numel()
-                if self.norm == "l2":
-                    scale = d_theta / math.sqrt(x[0].numel())
-                delta = scale * dist_before[rows]
+                # The probe radius scales with the last distance: d * theta for Linf, sqrt(d) * theta for L2.
+                d = x[0].numel()
+                delta = (d if self.norm == "linf" else math.sqrt(d)) * self._theta * dist_before[rows]
             grad = self._gradient(pr, yr, idx[rows], evals, delta)
             update = grad.sign() if self.norm == "linf" else grad
             stepped = self._step(pr, yr, idx[rows], update, dist[rows] / math.sqrt(t))
@@ -127,10 +126,10 @@ class HopSkipJump:
                 self._progress(self._round, int(live.sum()), int(self.spent.sum()))
         ok = found & (dist <= self.eps * (1 + 1e-6))
         # An image not broken within eps still gets an image inside the budget (its projection onto the ball).
-        inside = self._project(x, point, torch.full((len(x),), self.eps)) if self.norm == "linf" else None
-        if inside is None:
-            scale = torch.clamp(self.eps / dist.clamp_min(1e-12), max=1.0).view(-1, 1, 1, 1)
-            inside = x + (point - x) * scale
+        if self.norm == "linf":
+            inside = self._project(x, point, torch.full((len(x),), self.eps))
+        else:
+            inside = x + (point - x) * torch.clamp(self.eps / dist.clamp_min(1e-12), max=1.0).view(-1, 1, 1, 1)
         out = torch.where(ok.view(-1, 1, 1, 1), point, inside.clamp(0, 1))
         return out, ok
 
