@@ -325,6 +325,23 @@ def test_adv_from_and_save_adv_round_trip(zoo, tmp_path):
     assert nhwc["robust_indices"] == replay["replay:adv@0.2"]["robust_indices"]
 
 
+def test_a_query_attack_beating_every_gradient_attack_is_flagged_as_masking():
+    from types import SimpleNamespace
+
+    from nenni_deploy.evaluation.run import RowResult, sanity_warnings, worst_case
+
+    def row(name, family, acc):
+        correct = [True] * int(acc) + [False] * (100 - int(acc))
+        return RowResult(name, family, {}, accuracy={"a": acc}, correct={"a": correct})
+
+    results = [row("pgd-ce", "white-box", 40.0), row("square", "score-based", 10.0)]
+    quiet = {"max_abs_logit_diff": 0.0, "prediction_flips": 0.0}
+    text = " ".join(
+        sanity_warnings(results, ["a"], worst_case(results, ["a"]), quiet, SimpleNamespace(randomised=False), None)
+    )
+    assert "score-based attack square (10.0 %) beats every white-box attack" in text
+
+
 def test_presets_set_defaults_that_options_override():
     quick = settings_for("quick")
     assert (quick.steps, quick.queries, quick.aa_attacks, quick.transfer_methods) == (
