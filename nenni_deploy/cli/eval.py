@@ -12,7 +12,16 @@ import click
 
 from ..errors import NenniError
 from ..tables import format_table
-from .options import apply_threads, json_option, write_json
+from .options import (
+    apply_threads,
+    batch_size_option,
+    data_options,
+    json_option,
+    progress_option,
+    seed_option,
+    threads_option,
+    write_json,
+)
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -52,8 +61,7 @@ PIXEL_OPTIONS = ("input_range", "mean", "std", "layout")
     default=None,
     help="Black-box ONNX: the input layout [default: auto, read from the graph and the data].",
 )
-@click.option("--data", "data_name", type=click.Choice(["digits", "cifar10"]), default=None, help="Data set.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="CIFAR-10 folder.")
+@data_options()
 @click.option(
     "--n",
     "count",
@@ -144,19 +152,19 @@ PIXEL_OPTIONS = ("input_range", "mean", "std", "layout")
     default=None,
     help="Folder of per-chunk results (resume); default: OUT.json.cache beside --json, else none.",
 )
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Intra-op threads (PyTorch and ORT).")
-@click.option("--batch-size", type=click.IntRange(1, 100_000), default=250, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@threads_option("Intra-op threads (PyTorch and ORT).")
+@batch_size_option(250)
+@seed_option()
+@progress_option()
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="PNG plot.")
 @json_option()
 def command(target_spec, **kw):
     """Robust accuracy of TARGET: a NENNI model directory, ARCH --weights, an exported .onnx with --source, or
     any ONNX image classifier on its own (a black box: transfer from --surrogate and Square on the session)."""
-    from ..data import load_dataset
-    from ..evaluation.advfile import load_adversarial, save_adversarial
-    from ..evaluation.api import EvalConfig, evaluate, settings_for
-    from ..evaluation.blackbox import BlackBoxTarget, load_surrogate_models, split_specs
+    from ..app.evaluate import TargetSpec, data_for_target, evaluate_target, open_target
+    from ..evaluation.advfile import save_adversarial
+    from ..evaluation.api import EvalConfig, settings_for
+    from ..evaluation.blackbox import split_specs
     from ..evaluation.suite import parse_attacks
 
     apply_threads(kw["threads"])
@@ -192,33 +200,30 @@ def command(target_spec, **kw):
         if path is not None and Path(path).is_dir():
             raise NenniError(f"{path} is a directory: give a file name")
 
-    target = _open_target(target_spec, kw)
+    target = open_target(
+        TargetSpec(
+            target_spec,
+            weights=kw["weights"],
+            source=kw["source"],
+            dense=kw["dense"],
+            pixels=_pixels(kw),
+            batch_size=kw["batch_size"],
+            threads=kw["threads"],
+        )
+    )
     try:
-        data_name = kw["data_name"] or target.dataset
-        if not data_name:
-            raise NenniError("the model records no data set: pass --data")
-        if target.dataset and data_name != target.dataset:
-            raise NenniError(f"the model is built for {target.dataset}, not --data {data_name}")
-        ds = load_dataset(data_name, "test", kw["data_dir"])
-        notes = []
-        if kw["count"] > len(ds):
-            notes.append(f"--n {kw['count']}: the {data_name} test set has {len(ds)} images; evaluating all of them")
-        n = min(kw["count"], len(ds))
-        x, y = ds.x[:n].float().contiguous(), ds.y[:n]
-        if isinstance(target, BlackBoxTarget):
-            target.bind(x, ds.num_classes)
-        specs = split_specs(kw["surrogates"])
-        if target.nenni and target.source is not None and "base" not in specs:
-            # The dense model with the same weights is always a surrogate: the attacker knows it for free.
-            specs.insert(0, "base")
-        attacks = config.attacks
-        wants_transfer = attacks is None or "transfer" in attacks
-        surrogates = load_surrogate_models(specs, target, x, ds.num_classes) if wants_transfer else []
-        replay = load_adversarial(kw["adv_from"], x, y, settings.norm, config.eps) if kw["adv_from"] else None
-        report = evaluate(target, x, y, config, surrogates=surrogates, replay=replay, notes=notes, log=click.echo)
+        test = data_for_target(target, kw["data_name"], kw["data_dir"], kw["image_size"])
+        report = evaluate_target(
+            target,
+            test,
+            config,
+            n=kw["count"],
+            surrogates=split_specs(kw["surrogates"]),
+            adv_from=kw["adv_from"],
+            log=click.echo,
+        )
     finally:
         target.close()
-    report.data.update(name=data_name, split="test", first=n)
     payload = report.to_json()
     _print(payload)
     if kw["plot_path"]:
@@ -229,38 +234,25 @@ def command(target_spec, **kw):
     if kw["save_adv"]:
         eps = dict(zip(report.eps, report.eps_values, strict=True))
         kept = {k: report.adversarial[k] for k in report.eps if k in report.adversarial}
-        save_adversarial(kw["save_adv"], kept, report.fooled_by, y, eps, report.norm)
+        save_adversarial(kw["save_adv"], kept, report.fooled_by, report.labels, eps, report.norm)
         click.echo(f"wrote {kw['save_adv']}")
     if kw["json_path"]:
         write_json(kw["json_path"], payload)
         click.echo(f"wrote {kw['json_path']}")
 
 
-def _open_target(spec: str, kw):
-    """A PyTorch target, an ONNX file with its --source, or an ONNX file alone (a black box)."""
-    from ..evaluation.blackbox import load_blackbox_target
-    from ..evaluation.targets import load_target, looks_like_onnx
+def _pixels(kw):
+    """The black-box pixel convention, when any of its options is given."""
     from ..runtime.classifier import PixelConvention, parse_channels
 
-    pixel_options = [f"--{o.replace('_', '-')}" for o in PIXEL_OPTIONS if kw[o] is not None]
-    if looks_like_onnx(spec) and kw["source"] is None:
-        if kw["weights"] is not None:
-            raise NenniError("--weights is not used with an ONNX target (its weights are inside the file)")
-        if kw["dense"]:
-            raise NenniError("--dense is for a NENNI model directory, not an ONNX file")
-        pixels = PixelConvention(
-            input_range=kw["input_range"] or "0-1",
-            mean=parse_channels(kw["mean"], "--mean"),
-            std=parse_channels(kw["std"], "--std"),
-            layout=kw["layout"] or "auto",
-        )
-        return load_blackbox_target(Path(spec), pixels, batch_size=kw["batch_size"], threads=kw["threads"])
-    if pixel_options:
-        raise NenniError(
-            f"{', '.join(pixel_options)} describe the input of an ONNX graph evaluated as a black box "
-            "(an .onnx TARGET without --source); this target takes [0, 1] NCHW images"
-        )
-    return load_target(spec, weights=kw["weights"], source=kw["source"], dense=kw["dense"])
+    if all(kw[o] is None for o in PIXEL_OPTIONS):
+        return None
+    return PixelConvention(
+        input_range=kw["input_range"] or "0-1",
+        mean=parse_channels(kw["mean"], "--mean"),
+        std=parse_channels(kw["std"], "--std"),
+        layout=kw["layout"] or "auto",
+    )
 
 
 def _print(report) -> None:

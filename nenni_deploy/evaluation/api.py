@@ -152,6 +152,7 @@ class EvalReport:
     # per eps label: one adversarial image per image, and the attack it came from ("" where none fooled it)
     adversarial: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     fooled_by: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    labels: torch.Tensor | None = field(default=None, repr=False)  # the images' labels (for --save-adv)
 
     def to_json(self) -> dict[str, Any]:
         w = self.worst
@@ -318,6 +319,7 @@ def evaluate(
         estimate=estimate,
         adversarial=ev.adversarial,
         fooled_by={k: [w or "" for w in v] for k, v in ev.fooled_by.items()},
+        labels=y,
     )
 
 
