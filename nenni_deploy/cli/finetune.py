@@ -27,6 +27,14 @@ from .options import (
     training_options,
     write_json_atomic,
 )
+from .recipe import (
+    allocation_options,
+    format_allocation,
+    make_distill,
+    pop_allocation_config,
+    reallocate,
+    resolve_teacher,
+)
 from .train import check_data_fits, check_writable_dir, epoch_line, init_distributed
 
 TRAIN_SUBDIR = "train"
@@ -50,6 +58,43 @@ STATS_IMAGES = 1024  # training images used to re-measure the fit statistics aft
     "--refit-every", type=int, default=0, show_default=True, help="Refit the approximators every N epochs (0 = never)."
 )
 @click.option("--refit-n", type=int, default=1024, show_default=True, help="Training images used by each refit.")
+@click.option(
+    "--teacher",
+    default="auto",
+    show_default=True,
+    help="Distillation teacher: dense-base (this model with every layer exact, frozen before training), a model "
+    "directory of the same architecture, or none; auto: dense-base for --method standard, none otherwise.",
+)
+@click.option("--distill-alpha", type=float, default=0.9, show_default=True, help="Weight of the KL term (1 - CE's).")
+@click.option("--distill-temperature", type=float, default=4.0, show_default=True, help="Softmax temperature T.")
+@click.option(
+    "--distill-features",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Weight of feature distillation: each NENNI layer's output against the teacher's exact one (0 = off).",
+)
+@click.option(
+    "--anneal-epochs",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Lower the essential ratio linearly from 1.0 to each layer's target over this many epochs.",
+)
+@click.option(
+    "--approx-lr-scale",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="The approximators' learning rate as a multiple of --lr.",
+)
+@click.option(
+    "--train-scale/--no-train-scale",
+    default=False,
+    show_default=True,
+    help="Also train the folded batch-norm factor of every exact layer (in its unfolded parametrisation).",
+)
+@allocation_options()
 @click.option("--eval-n", type=int, default=None, help="Test images to evaluate before and after (default all).")
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="NENNI model directory to write."
@@ -57,7 +102,25 @@ STATS_IMAGES = 1024  # training images used to re-measure the fit statistics aft
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 @json_option()
 def command(
-    model_dir, data_name, data_dir, trainable, refit_every, refit_n, eval_n, out, progress, json_path, resume, **options
+    model_dir,
+    data_name,
+    data_dir,
+    trainable,
+    refit_every,
+    refit_n,
+    teacher,
+    distill_alpha,
+    distill_temperature,
+    distill_features,
+    anneal_epochs,
+    approx_lr_scale,
+    train_scale,
+    eval_n,
+    out,
+    progress,
+    json_path,
+    resume,
+    **options,
 ):
     """Fine-tune the NENNI model in MODEL_DIR with the NENNI forward pass; write the result to --out.
 
@@ -88,7 +151,11 @@ def command(
         refit_every=refit_every,
         refit_images=refit_n,
         refit_ridge=nenni_config.ridge,
+        anneal_epochs=anneal_epochs,
+        approx_lr_scale=approx_lr_scale,
+        train_scale=train_scale,
     )
+    allocation_config = pop_allocation_config(options)
     apply_threads(config.threads)
     rank = init_distributed()
     method, validation = pop_method(options, model, config.label_smoothing)
@@ -102,6 +169,25 @@ def command(
     train_set = load_dataset(data_name, "train", data_dir)
     test_set = load_dataset(data_name, "test", data_dir)
     check_data_fits(arch, info, train_set)
+    input_shape = tuple(train_set.x.shape[1:])
+    teacher_model = resolve_teacher(teacher, model, card, method, input_shape)
+    allocation = None
+    if allocation_config is not None:
+        model, nenni_config, allocation = reallocate(
+            model, nenni_config, allocation_config, train_set.x, train_set.y, run_dir, resume, progress
+        )
+        if rank == 0:
+            click.echo(format_allocation(allocation))
+    if teacher_model is not None:
+        method = make_distill(
+            teacher_model,
+            teacher,
+            model,
+            alpha=distill_alpha,
+            temperature=distill_temperature,
+            feature_weight=distill_features,
+            label_smoothing=config.label_smoothing,
+        )
     test_x, test_y = (test_set.x[:eval_n], test_set.y[:eval_n]) if eval_n else (test_set.x, test_set.y)
     bar = "evaluating" if progress else None
 
@@ -146,6 +232,7 @@ def command(
         "data": data_name,
         "method": method.name,
         "method_settings": method_record(method),
+        "allocation": allocation.to_json() if allocation is not None else None,
         "trainable": trainable,
         "epochs": result.epoch,
         "steps": result.step,

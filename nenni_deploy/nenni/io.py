@@ -118,7 +118,10 @@ def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
 def load_nenni_model(model_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the architecture, fold, wrap from the stored specs, load weights; verify both hashes."""
     from ..models import create_model
+    from ..pruning.io import is_pruned_dir, load_pruned_model
 
+    if is_pruned_dir(model_dir):  # model-directory v2 (kind "pruned"): stand-in until the v2 loader lands
+        return load_pruned_model(model_dir)
     d = Path(model_dir)
     card = read_card(d)
     weights = d / WEIGHTS_FILE

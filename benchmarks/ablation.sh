@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The schedule ablation of issue 18 (docs/results.md): ResNet-20, channel NENNI at one uniform setting, a few
+# short fine-tunes that each add one ingredient. Sequential, resumable (each variant's --resume), nice 19.
+#   bash benchmarks/ablation.sh            # writes runs/ablation/<variant>/ and runs/ablation/summary.tsv
+# Env: BASE (calibrated model dir), EPOCHS, STEPS (max steps per epoch), EVAL_N, THREADS, VARIANTS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-/work/main/.venv/bin/python}
+BASE=${BASE:-runs/abl/r20-c05}
+OUT=${OUT:-runs/ablation}
+EPOCHS=${EPOCHS:-2}
+STEPS=${STEPS:-150}
+EVAL_N=${EVAL_N:-1000}
+THREADS=${THREADS:-2}
+mkdir -p "$OUT"
+declare -A FLAGS=(
+  [ce]="--teacher none"
+  [kd]="--teacher dense-base"
+  [kd_scale]="--teacher dense-base --train-scale"
+  [kd_scale_anneal]="--teacher dense-base --train-scale --anneal-epochs 1"
+  [kd_scale_alr3]="--teacher dense-base --train-scale --approx-lr-scale 3"
+  [kd_scale_feat]="--teacher dense-base --train-scale --distill-features 1"
+  [kd_scale_lr02]="--teacher dense-base --train-scale --lr 0.02"
+)
+VARIANTS=${VARIANTS:-"ce kd kd_scale kd_scale_anneal kd_scale_alr3 kd_scale_feat"}
+for v in $VARIANTS; do
+  if [ -f "$OUT/$v/config.json" ]; then echo "$v: done"; continue; fi
+  echo "== $v: ${FLAGS[$v]}  ($(date -u +%H:%M:%S))"
+  # shellcheck disable=SC2086
+  nice -n 19 "$PY" -m nenni_deploy.cli finetune "$BASE" --data cifar10 --epochs "$EPOCHS" --lr 0.01 \
+    --max-steps-per-epoch "$STEPS" --eval-n "$EVAL_N" --threads "$THREADS" --no-progress --resume \
+    --json "$OUT/$v.json" --out "$OUT/$v" ${FLAGS[$v]}
+done
+"$PY" - "$OUT" $VARIANTS <<'PY'
+import json, sys
+out, names = sys.argv[1], sys.argv[2:]
+rows = ["variant\tnenni_before\tnenni_after\texact_after\ts_per_epoch"]
+for n in names:
+    try:
+        r = json.load(open(f"{out}/{n}.json"))
+    except OSError:
+        continue
+    rows.append(f"{n}\t{r['nenni_accuracy_before']:.2f}\t{r['nenni_accuracy_after']:.2f}\t{r['exact_accuracy_after']:.2f}\t{r['seconds_per_epoch']:.0f}")
+open(f"{out}/summary.tsv", "w").write("\n".join(rows) + "\n")
+print("\n".join(rows))
+PY
