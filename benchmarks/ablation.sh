@@ -5,6 +5,7 @@
 # Env: BASE (calibrated model dir), EPOCHS, STEPS (max steps per epoch), EVAL_N, THREADS, VARIANTS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nenni_deploy, whatever the venv installed
 PY=${PY:-/work/main/.venv/bin/python}
 BASE=${BASE:-runs/abl/r20-c05}
 OUT=${OUT:-runs/ablation}

@@ -10,6 +10,7 @@
 # current branch (COMMIT=0 to skip). Env: EPOCHS, THREADS, POINTS, RECIPE, SHARED, PY.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nenni_deploy, whatever the venv installed
 PY=${PY:-/work/main/.venv/bin/python}
 SHARED=${SHARED:-/work/shared}
 EPOCHS=${EPOCHS:-10}

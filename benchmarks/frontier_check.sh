@@ -10,6 +10,7 @@
 # name, accuracy in index.json, accuracy in ONNX Runtime. Env: PY, SHARED, THREADS, OUT, BENCH=0 to skip (c).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nenni_deploy, whatever the venv installed
 PY=${PY:-/work/main/.venv/bin/python}
 SHARED=${SHARED:-/work/shared}
 THREADS=${THREADS:-2}

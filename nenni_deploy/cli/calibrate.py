@@ -59,6 +59,13 @@ def _split_patterns(text: str | None) -> list[str] | None:
     metavar="PATTERN=RATIO",
     help="Per-layer essential ratio by name pattern (repeatable), e.g. 'layer3.*=0.75'.",
 )
+@click.option(
+    "--layer-proj-dim",
+    "layer_proj_dims",
+    multiple=True,
+    metavar="PATTERN=K",
+    help="Per-layer projection size k by name pattern (repeatable), e.g. 'layer3.*=n/4'.",
+)
 @click.option("--include", default=None, help="Comma-separated name patterns of layers to convert.")
 @click.option("--exclude", default=None, help="Comma-separated name patterns of layers to leave dense.")
 @click.option("--ridge", type=float, default=1e-4, show_default=True, help="Relative ridge penalty of the fit.")
@@ -81,6 +88,7 @@ def command(
     noise_scale,
     approx_bits,
     layer_ratios,
+    layer_proj_dims,
     include,
     exclude,
     ridge,
@@ -114,6 +122,7 @@ def command(
         include=_split_patterns(include),
         exclude=_split_patterns(exclude) or [],
         ratios=_parse_layer_ratios(layer_ratios),
+        proj_dims=_parse_layer_proj_dims(layer_proj_dims),
         seed=seed,
         ridge=ridge,
     )
@@ -177,6 +186,17 @@ def _parse_layer_ratios(items: tuple[str, ...]) -> dict[str, float]:
         if not sep or not pattern:
             raise NenniError(f"--layer-ratio takes PATTERN=RATIO (e.g. 'layer3.*=0.75'), got {item!r}")
     return ratios
+
+
+def _parse_layer_proj_dims(items: tuple[str, ...]) -> dict[str, str]:
+    """PATTERN=K pairs; K is checked per layer when the config resolves (any --proj-dim form)."""
+    dims = {}
+    for item in items:
+        pattern, sep, value = item.rpartition("=")
+        if not sep or not pattern or not value.strip():
+            raise NenniError(f"--layer-proj-dim takes PATTERN=K (e.g. 'layer3.*=n/4'), got {item!r}")
+        dims[pattern] = value.strip()
+    return dims
 
 
 def _nenni_rows(result) -> list[dict]:
