@@ -41,8 +41,10 @@ base_r20() {  # the calibrated channel model every NENNI point re-allocates from
 
 publish() {  # NAME METHOD METRIC BUDGET
   local name=$1 method=$2 metric=$3 budget=$4
+  local recipe="$RECIPE"
+  [ "$method" = pruning ] && recipe="--importance l1 --teacher dense"
   "$PY" benchmarks/frontier_index.py "$RUNS/$name" "$name" --method "$method" --budget-metric "$metric" \
-    --budget "$budget" --results "$RESULTS" --recipe "${RECIPE} epochs=$EPOCHS lr=$LR" || return 1
+    --budget "$budget" --results "$RESULTS" --recipe "$recipe epochs=$EPOCHS lr=$LR" || return 1
   if [ "$COMMIT" = 1 ]; then
     for _ in 1 2 3 4 5; do
       git add "$RESULTS/$name" "$RESULTS/index.json" &&

@@ -118,10 +118,11 @@ def test_schedule_settings_are_validated_and_the_approximators_get_their_own_rat
         TrainConfig(approx_lr_scale=0)
     net = _converted()
     params = select_trainable(net, "both", train_scale=True)
-    groups = {g["group"]: g for g in param_groups(net, params, 5e-4, approx_lr_scale=0.1)}
+    groups = {g["group"]: g for g in param_groups(net, params, 5e-4, approx_lr_scale=0.1, scale_lr_scale=0.2)}
     assert groups["approx"]["lr_scale"] == 0.1 and groups["approx"]["weight_decay"] == 0
     scale = net.get_submodule("block.conv1.exact").scale
-    assert any(p is scale for p in groups["no_decay"]["params"])
+    assert groups["scale"]["lr_scale"] == 0.2 and any(p is scale for p in groups["scale"]["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(params)
 
 
 def test_a_short_fine_tune_with_every_schedule_runs_and_resumes(tmp_path):

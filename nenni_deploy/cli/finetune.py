@@ -94,6 +94,13 @@ STATS_IMAGES = 1024  # training images used to re-measure the fit statistics aft
     show_default=True,
     help="Also train the folded batch-norm factor of every exact layer (in its unfolded parametrisation).",
 )
+@click.option(
+    "--scale-lr-scale",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="With --train-scale: the scales' learning rate as a multiple of --lr.",
+)
 @allocation_options()
 @click.option("--eval-n", type=int, default=None, help="Test images to evaluate before and after (default all).")
 @click.option(
@@ -115,6 +122,7 @@ def command(
     anneal_epochs,
     approx_lr_scale,
     train_scale,
+    scale_lr_scale,
     eval_n,
     out,
     progress,
@@ -154,6 +162,7 @@ def command(
         anneal_epochs=anneal_epochs,
         approx_lr_scale=approx_lr_scale,
         train_scale=train_scale,
+        scale_lr_scale=scale_lr_scale,
     )
     allocation_config = pop_allocation_config(options)
     apply_threads(config.threads)

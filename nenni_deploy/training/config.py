@@ -49,6 +49,7 @@ class TrainConfig:
     anneal_epochs: float = 0.0
     approx_lr_scale: float = 1.0
     train_scale: bool = False
+    scale_lr_scale: float = 0.1  # the scale's rate as a multiple of the base rate (at 1.0 it diverged, see results)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -92,6 +93,10 @@ class TrainConfig:
         _check(
             _finite(self.approx_lr_scale) and self.approx_lr_scale > 0,
             f"--approx-lr-scale must be > 0, got {self.approx_lr_scale}",
+        )
+        _check(
+            _finite(self.scale_lr_scale) and self.scale_lr_scale > 0,
+            f"--scale-lr-scale must be > 0, got {self.scale_lr_scale}",
         )
         _check(self.refit_every >= 0, f"--refit-every must be >= 0, got {self.refit_every}")
         _check(self.refit_images >= 1, f"refit images must be >= 1, got {self.refit_images}")

@@ -153,7 +153,7 @@ def train(
 
     params = select_trainable(model, config.trainable, config.train_scale)
     optimizer = torch.optim.SGD(
-        param_groups(model, params, config.weight_decay, config.approx_lr_scale),
+        param_groups(model, params, config.weight_decay, config.approx_lr_scale, config.scale_lr_scale),
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,

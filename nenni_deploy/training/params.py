@@ -57,31 +57,27 @@ def decayed_names(model: nn.Module) -> set[str]:
 
 
 def param_groups(
-    model: nn.Module, params: dict[str, nn.Parameter], weight_decay: float, approx_lr_scale: float = 1.0
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    weight_decay: float,
+    approx_lr_scale: float = 1.0,
+    scale_lr_scale: float = 1.0,
 ) -> list[dict]:
-    """SGD groups: decayed base weights, undecayed base parameters, and the approximators (undecayed, at
-    `approx_lr_scale` times the rate: the loop multiplies each group's `lr_scale` into the schedule's rate).
-    Empty groups are left out."""
+    """SGD groups: decayed base weights, undecayed base parameters, the approximators and the folded batch-norm
+    scales (both undecayed, each at its own multiple of the rate: the loop multiplies each group's `lr_scale`
+    into the schedule's rate). Empty groups are left out."""
     decay = decayed_names(model)
     approx = approximator_names(model)
+    scales = scale_names(model)
+    own = approx | scales
+
+    def group(name: str, names, wd: float, lr_scale: float) -> dict:
+        return {"params": [params[n] for n in names], "weight_decay": wd, "group": name, "lr_scale": lr_scale}
+
     groups = [
-        {
-            "params": [p for n, p in params.items() if n in decay and n not in approx],
-            "weight_decay": weight_decay,
-            "group": "decay",
-            "lr_scale": 1.0,
-        },
-        {
-            "params": [p for n, p in params.items() if n not in decay and n not in approx],
-            "weight_decay": 0.0,
-            "group": "no_decay",
-            "lr_scale": 1.0,
-        },
-        {
-            "params": [p for n, p in params.items() if n in approx],
-            "weight_decay": 0.0,
-            "group": "approx",
-            "lr_scale": approx_lr_scale,
-        },
+        group("decay", [n for n in params if n in decay and n not in own], weight_decay, 1.0),
+        group("no_decay", [n for n in params if n not in decay and n not in own], 0.0, 1.0),
+        group("approx", [n for n in params if n in approx], 0.0, approx_lr_scale),
+        group("scale", [n for n in params if n in scales], 0.0, scale_lr_scale),
     ]
     return [g for g in groups if g["params"]]
