@@ -132,7 +132,14 @@ def test_a_short_fine_tune_with_every_schedule_runs_and_resumes(tmp_path):
     net = _converted()
     teacher = dense_base_teacher(net)
     config = TrainConfig(
-        epochs=2, batch_size=16, lr=0.01, val_split=0.25, anneal_epochs=1, approx_lr_scale=2.0, train_scale=True
+        epochs=2,
+        batch_size=16,
+        lr=0.01,
+        val_split=0.25,
+        anneal_epochs=1,
+        approx_lr_scale=2.0,
+        train_scale=True,
+        scale_lr_scale=100.0,  # the tiny net's scale gradients are ~1e-5: make the step visible in float32
     )
     before = net.get_submodule("block.conv1.exact").scale.detach().clone()
     result = train(net, x, y, config, tmp_path, method=Distill(teacher), progress=False, curves=False)
