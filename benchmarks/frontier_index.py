@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         granularity = f"channel (static, {card['pruning'].get('importance', 'l1')}, {card['pruning']['mode']})"
         epochs = card.get("history", [{}])[-1].get("epochs")
     if metrics.get("eval_images") != 10000 and not args.allow_partial:
-        print(f"{args.run_dir}: accuracy on {metrics.get('eval_images')} images, not the full test set", file=sys.stderr)
+        print(
+            f"{args.run_dir}: accuracy on {metrics.get('eval_images')} images, not the full test set", file=sys.stderr
+        )
         return 1
     dest = args.results / args.name
     tmp = args.results / f".{args.name}.tmp"
