@@ -288,3 +288,19 @@ def test_prune_bad_budget_is_a_one_line_error(digits_models):
     )
     assert_one_line_error(result)
     assert not (digits_models / "pr-bad").exists()
+
+
+def test_a_teacher_directory_of_another_architecture_is_refused(tmp_path, tiny_arch):
+    from nenni_deploy.cli.recipe import resolve_teacher
+    from nenni_deploy.training.methods import Standard
+
+    net = _converted()
+    specs = [m.spec for m in nenni_layers(net).values()]
+    config = NenniConfig(granularity="channel", ratio=0.5, proj_dim="n/2")
+    save_nenni_model(tmp_path / "t", net, arch=tiny_arch, config=config, specs=specs)
+    with pytest.raises(NenniError, match="is a tiny_test_net, the model a small_cnn"):
+        resolve_teacher(str(tmp_path / "t"), net, {"arch": "small_cnn"}, Standard(), (3, 8, 8))
+    teacher = resolve_teacher(str(tmp_path / "t"), net, {"arch": tiny_arch}, Standard(), (3, 8, 8))
+    assert all(layer.mode == "exact" for layer in nenni_layers(teacher).values())
+    assert resolve_teacher("auto", net, {"arch": tiny_arch}, Standard(), (3, 8, 8)) is not None
+    assert resolve_teacher("none", net, {"arch": tiny_arch}, Standard(), (3, 8, 8)) is None
