@@ -22,9 +22,7 @@ def test_the_api_page_runs_as_written(tmp_path):
     assert model_file.startswith("# model.py")
     (tmp_path / "model.py").write_text(model_file)
     (tmp_path / "example.py").write_text(example)
-    result = subprocess.run(
-        [sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=900
-    )
+    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "ONNX Runtime agrees with PyTorch" in result.stdout
     assert (tmp_path / "runs/api/tuned/config.json").is_file() and (tmp_path / "runs/api/dense.onnx").is_file()

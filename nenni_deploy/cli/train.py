@@ -62,7 +62,7 @@ def command(data_name, data_dir, image_size, out, progress, json_path, resume, *
         method=method,
         resume=resume,
         progress=progress,
-        on_epoch=lambda record: click.echo(epoch_line(record, config.epochs)),
+        on_epoch=lambda record: click.echo(epoch_line(record)),
         weights_label=str(weights) if weights else None,
     )
     if rank != 0:
@@ -111,7 +111,7 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f} %"
 
 
-def epoch_line(record: dict[str, Any], epochs: int) -> str:
+def epoch_line(record: dict[str, Any]) -> str:
     extras = [
         f"{k} {v:.4g}"
         for k, v in record.items()
@@ -119,7 +119,7 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     ]
     return "  ".join(
         [
-            f"epoch {record['epoch']}/{epochs}",
+            f"epoch {record['epoch']}/{record['epochs']}",
             f"loss {record['train_loss']:.4f}",
             f"train {_pct(record['train_acc'])}",
             f"val {_pct(record.get('val_acc'))}",

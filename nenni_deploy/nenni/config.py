@@ -118,6 +118,7 @@ class NenniConfig:
     include: list[str] | None = None  # fnmatch patterns on module names; None = all but first conv/classifier
     exclude: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)  # per-layer overrides by pattern
+    proj_dims: dict[str, str] = field(default_factory=dict)  # per-layer projection sizes k by pattern
     rank: str = "auto"
     noise: str = "none"
     noise_scale: float = 1.0
@@ -150,6 +151,12 @@ class NenniConfig:
             if fnmatch.fnmatchcase(name, pattern):
                 return float(r)
         return float(self.ratio)
+
+    def proj_dim_for(self, name: str) -> str:
+        for pattern, k in self.proj_dims.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return str(k)
+        return str(self.proj_dim)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -55,9 +55,16 @@ class ConversionPlan:
     dense: list[dict[str, str]] = field(default_factory=list)  # {"name": ..., "reason": ...}
 
 
+class _LeafTracer(fx.Tracer):
+    """Folded and NENNI layers are leaves, so that a folded (or converted) model can be analysed again."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (ScaledConv2d, ScaledLinear, NenniLayer)) or super().is_leaf_module(m, qualname)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(model, _LeafTracer().trace(model))
     except Exception as exc:  # fx raises many types; the user needs one line, naming where
         where = _untraceable_module(model)
         at = f" in module {where[0]!r} ({where[1]})" if where else ""
@@ -227,7 +234,7 @@ def make_spec(info: LayerInfo, config: NenniConfig) -> LayerSpec:
         kind="conv" if is_conv else "linear",
         in_dim=d,
         out_dim=n,
-        proj_dim=resolve_proj_dim(config.proj_dim, n, d),
+        proj_dim=resolve_proj_dim(config.proj_dim_for(info.name), n, d),
         ratio=nm[0] / nm[1] if nm else config.ratio_for(info.name),
         granularity=granularity,
         nm=nm,
