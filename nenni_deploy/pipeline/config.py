@@ -21,50 +21,17 @@ else:  # pragma: no cover - Python 3.10
 STAGE_TABLES = ("train", "calibrate", "finetune", "export", "check", "bench", "eval")
 TOP_KEYS = {"out", "threads", "data", "model", *STAGE_TABLES}
 # Options each stage's command receives from the pipeline: setting them in the table would break the chain.
+_MODEL = {"arch", "arch-kwargs", "mean", "std"}
+_DATA = {"data", "data-dir", "image-size"}
+_OUTPUTS = {"out", "json", "threads"}
 RESERVED = {
-    "train": {
-        "arch",
-        "arch-kwargs",
-        "mean",
-        "std",
-        "data",
-        "data-dir",
-        "image-size",
-        "out",
-        "json",
-        "threads",
-        "progress",
-    },
-    "calibrate": {
-        "arch",
-        "arch-kwargs",
-        "mean",
-        "std",
-        "weights",
-        "data",
-        "data-dir",
-        "image-size",
-        "out",
-        "json",
-        "threads",
-    },
-    "finetune": {"data", "data-dir", "image-size", "out", "json", "threads", "progress"},
-    "export": {"out", "dense", "json", "threads", "data", "data-dir", "image-size"},
-    "check": {"data", "data-dir", "image-size", "json", "threads"},
+    "train": _MODEL | _DATA | _OUTPUTS | {"progress"},
+    "calibrate": _MODEL | _DATA | _OUTPUTS | {"weights"},
+    "finetune": _DATA | _OUTPUTS | {"progress"},
+    "export": _DATA | _OUTPUTS | {"dense"},
+    "check": _DATA | {"json", "threads"},
     "bench": {"baseline", "json", "plot", "threads", "progress"},
-    "eval": {
-        "source",
-        "weights",
-        "dense",
-        "data",
-        "data-dir",
-        "image-size",
-        "json",
-        "plot",
-        "threads",
-        "progress",
-        "cache",
-    },
+    "eval": _DATA | {"source", "weights", "dense", "json", "plot", "threads", "progress", "cache"},
 }
 
 
