@@ -104,7 +104,10 @@ def layer_overload(node: NodeProto, proto: ModelProto | None = None, lowering: s
         weight = next((t for t in proto.graph.initializer if t.name == node.input[1]), None)
         if weight is not None and len(weight.dims) == 4:
             kernel = tuple(weight.dims[2:])
-    return ops.overload_name(node_attr(node, "granularity"), node_attr(node, "rank", "signed"), kernel, lowering)
+    int8 = node_attr(node, "x_scale") is not None  # the int8 form's calibrated attributes (exporters/int8.py)
+    return ops.overload_name(
+        node_attr(node, "granularity"), node_attr(node, "rank", "signed"), kernel, lowering, int8=int8
+    )
 
 
 def model_opset(proto: ModelProto) -> int:

@@ -79,6 +79,22 @@ def _default(name: str, value, doc: str) -> OpSchema.Attribute:
     return OpSchema.Attribute(name, helper.make_attribute(name, value), doc)
 
 
+# The int8 form (`nenni export --int8`, exporters/int8.py): a node carrying these runs its `_int8` body
+# (exporters/ops_int8.py). Activation scales and zero points are calibrated; weights stay float in the node and
+# are quantized per filter inside the body, which ONNX Runtime constant-folds at load.
+_INT8_ATTRIBUTES = (
+    ("x_scale", _A.FLOAT, "int8 form: scale of the uint8 input X"),
+    ("x_zero_point", _A.INT, "int8 form: zero point of the uint8 input X"),
+    ("u_scale", _A.FLOAT, "int8 form: scale of the uint8 projection P x"),
+    ("u_zero_point", _A.INT, "int8 form: zero point of the uint8 projection"),
+    ("y_scale", _A.FLOAT, "int8 form: scale of the uint8 exact output (bodies that compute it densely)"),
+    ("y_zero_point", _A.INT, "int8 form: zero point of the uint8 exact output"),
+    ("w_bits", _A.INT, "int8 form: bits of the symmetric per-filter exact weights (8, or 7 for reduced range)"),
+    ("approx_bits", _A.INT, "int8 form: bits of the approximator weights (its fake-quantisation grid, at most 8)"),
+)
+INT8_ATTRIBUTE_NAMES = tuple(name for name, _, _ in _INT8_ATTRIBUTES)
+
+
 def _layer_attributes(conv: bool) -> list[OpSchema.Attribute]:
     attrs = [
         OpSchema.Attribute("granularity", _A.STRING, "element | threshold | nm | channel", required=True),
@@ -89,6 +105,7 @@ def _layer_attributes(conv: bool) -> list[OpSchema.Attribute]:
         _default("threshold", 0.0, "score threshold (threshold granularity)"),
         OpSchema.Attribute("plugin_namespace", _A.STRING, "TensorRT plugin namespace", required=False),
         OpSchema.Attribute("plugin_version", _A.STRING, "TensorRT plugin version", required=False),
+        *(OpSchema.Attribute(name, kind, doc, required=False) for name, kind, doc in _INT8_ATTRIBUTES),
     ]
     if conv:
         attrs += [
@@ -232,13 +249,18 @@ def _infer_same(ctx) -> None:
 CHANNEL_LOWERINGS = ("skip", "masked")
 
 
-def overload_name(granularity: str, rank: str, kernel: Sequence[int] | None = None, lowering: str = "skip") -> str:
+def overload_name(
+    granularity: str, rank: str, kernel: Sequence[int] | None = None, lowering: str = "skip", int8: bool = False
+) -> str:
     """Which function body implements a layer node: one per (granularity, rank), and for channel convolutions
     whose kernel size is known, one per kernel size (`channel_signed_k3x3`): that body cuts its patches with
     one strided Slice per kernel tap instead of a Gather over computed offsets, several times faster in ORT.
     `lowering="masked"` picks the channel body that computes the exact layer densely (a prepacked convolution)
     and selects: the same outputs, no skipping, faster in ORT on CPU where explicit patches cost more than the
-    whole dense convolution."""
+    whole dense convolution. `int8` appends `_int8`: the same op on uint8 activations and int8 weights
+    (exporters/ops_int8.py)."""
+    if int8:
+        return overload_name(granularity, rank, kernel, lowering) + INT8_SUFFIX
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}")
     if rank not in RANKS:
@@ -255,12 +277,23 @@ def overload_name(granularity: str, rank: str, kernel: Sequence[int] | None = No
     return f"{granularity}_{rank}"
 
 
+INT8_SUFFIX = "_int8"
+
+
+def is_int8_overload(overload: str) -> bool:
+    return overload.endswith(INT8_SUFFIX)
+
+
+def _float_part(overload: str) -> str:
+    return overload[: -len(INT8_SUFFIX)] if is_int8_overload(overload) else overload
+
+
 def lowering_of_overload(overload: str) -> str:
-    return "masked" if overload.endswith("_masked") else "skip"
+    return "masked" if _float_part(overload).endswith("_masked") else "skip"
 
 
 def kernel_of_overload(overload: str) -> tuple[int, int] | None:
-    tail = overload.rsplit("_", 1)[-1]
+    tail = _float_part(overload).rsplit("_", 1)[-1]
     if tail.startswith("k") and "x" in tail:
         kh, kw = tail[1:].split("x")
         return int(kh), int(kw)
@@ -516,8 +549,9 @@ def _im2col(b: _Body) -> tuple[str, str]:
 _BIG = 2**62  # a Slice end meaning "to the end"
 
 
-def _tap_columns(b: _Body, kernel: tuple[int, int]) -> str:
-    """Patches of X as (B, kh * kw * C_in, H_out, W_out), tap-major.
+def _tap_columns(b: _Body, kernel: tuple[int, int], source: str = "X", pad_value: str | None = None) -> str:
+    """Patches of `source` as (B, kh * kw * C_in, H_out, W_out), tap-major; padded with `pad_value` (a scalar
+    of the source's type; default float 0).
 
     One strided Slice of the padded input per kernel tap. The end of each slice counts back from the end
     of the axis, so its length is the convolution's output size whatever the input size, and every index
@@ -525,7 +559,8 @@ def _tap_columns(b: _Body, kernel: tuple[int, int]) -> str:
     """
     kh, kw = kernel
     pads, strides, dilations = b.ref("pads", "ints"), b.ref("strides", "ints"), b.ref("dilations", "ints")
-    padded = b("Pad", "X", pads, b("Constant", value_float=0.0), b.ints([2, 3]))
+    pad_value = pad_value or b("Constant", value_float=0.0)
+    padded = b("Pad", source, pads, pad_value, b.ints([2, 3]))
     axes = b.ints([2, 3])
     taps = []
     for ty in range(kh):
@@ -566,6 +601,12 @@ def _channel_conv_body(b: _Body, rank: str, kernel: tuple[int, int]) -> None:
     rows = b("Gather", _tap_rows(b, "W"), idx, axis=0)  # (B, K, d)
     bias = b("Unsqueeze", b("Gather", "B", idx, axis=0), b.ints([2]))
     exact = b("Add", b("MatMul", rows, cols), bias)  # (B, K, L)
+    _channel_conv_fill(b, pred, idx, exact, out_shape, channel_score)
+
+
+def _channel_conv_fill(b: _Body, pred: str, idx: str, exact: str, out_shape: str, channel_score: str) -> None:
+    """The exact rows (B, K, L) overwrite the prediction (B, n, L) at the selected channels; Y and M reshaped
+    to (B, n, H_out, W_out) (`out_shape` is the patches' shape, whose batch and spatial dims Y keeps)."""
     b.stage = "fill"
     index = b("Expand", b("Unsqueeze", idx, b.ints([2])), b("Shape", exact))
     filled = b("ScatterElements", pred, index, exact, axis=1)
@@ -608,9 +649,9 @@ def _channel_body(b: _Body, conv: bool, rank: str) -> None:
         b("Identity", _scatter_mask(b, channel_score, idx, axis=1), outputs=["M"])
 
 
-def _layer_attribute_names(conv: bool, granularity: str) -> list[str]:
+def _layer_attribute_names(conv: bool, granularity: str, int8: bool = False) -> list[str]:
     names = {"element": ["k"], "channel": ["k"], "nm": ["nm"], "threshold": ["threshold"]}[granularity]
-    return names + (["strides", "pads", "dilations"] if conv else [])
+    return names + (["strides", "pads", "dilations"] if conv else []) + (list(INT8_ATTRIBUTE_NAMES) if int8 else [])
 
 
 def layer_function(
@@ -677,9 +718,12 @@ def function_for_node(node: NodeProto, opset: int) -> FunctionProto:
     granularity = _text(attrs.get("granularity"))
     rank = _text(attrs.get("rank", b"signed"))
     overload = node.overload
-    return layer_function(
-        node.op_type, granularity, rank, opset, kernel_of_overload(overload), lowering_of_overload(overload)
-    )
+    kernel, lowering = kernel_of_overload(overload), lowering_of_overload(overload)
+    if is_int8_overload(overload):
+        from .ops_int8 import layer_function_int8
+
+        return layer_function_int8(node.op_type, granularity, rank, opset, kernel, lowering)
+    return layer_function(node.op_type, granularity, rank, opset, kernel, lowering)
 
 
 def _text(value) -> str:
