@@ -34,6 +34,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper
 
 from ..errors import NenniError
 from . import graph, ops
+from .ops_int8 import computes_densely
 
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 METADATA_KEY = "nenni.int8"
@@ -375,8 +376,10 @@ def quantize_int8(
             us, uz = _uint8_params(ranges, p.u)
             ys, yz = _uint8_params(ranges, p.y)
             values = dict(x_scale=xs, x_zero_point=xz, u_scale=us, u_zero_point=uz, y_scale=ys, y_zero_point=yz)
-            _set_int8_attributes(node, {**values, "w_bits": 8, "approx_bits": bits})
-            layers.append({"layer": p.node, **values, "approx_bits": bits})
+            dense_kernel = computes_densely(node.op_type, node.overload)
+            w_bits = 7 if dense_kernel and settings.resolved_reduce_range() else 8
+            _set_int8_attributes(node, {**values, "w_bits": w_bits, "approx_bits": bits})
+            layers.append({"layer": p.node, **values, "w_bits": w_bits, "approx_bits": bits})
             if int((approx_bits or {}).get(p.node, 8)) > 8:
                 warnings.append(f"{p.node}: approximator at {(approx_bits or {})[p.node]} bits runs at 8")
     lowerings = {n.name: ops.lowering_of_overload(n.overload) for n in graph.nenni_nodes(quantized, ops.LAYER_OPS)}

@@ -46,6 +46,8 @@ from .ops import (
     _scatter_mask,
     _tap_columns,
     _tap_rows,
+    kernel_of_overload,
+    lowering_of_overload,
     overload_name,
 )
 
@@ -187,13 +189,15 @@ def _masked_int8(b: _Body, conv: bool, granularity: str, rank: str) -> None:
     xq, xs, xz = _quantize_input(b)
     xd = b("DequantizeLinear", xq, xs, xz)
     p_scale = b("Max", b("ReduceMax", b("Abs", "P"), keepdims=0), _float(b, 1e-12))
-    ternary = b("DequantizeLinear", b("Cast", b("Round", b("Div", "P", p_scale)), to=TensorProto.INT8), p_scale)
+    levels = b("Cast", b("Round", b("Div", "P", p_scale)), to=TensorProto.INT8)
+    # An explicit zero point: ORT fuses a QDQ group into an integer kernel only when the weight's DQ has one.
+    ternary = b("DequantizeLinear", levels, p_scale, b("Cast", b.int_(0), to=TensorProto.INT8))
     us, uz = b.ref("u_scale", "float"), _zero_point(b, "u_zero_point")
     u = b("Conv", xd, ternary, refs=geometry) if conv else b("Gemm", xd, ternary, transB=1)
     uq = b("QuantizeLinear", u, us, uz)
     if conv:  # the 1x1 approximator as (n, k) x (B, k, L)
         pred = _approximate_q(b, b("Reshape", uq, b.ints([0, 0, -1])), us, uz, rows_first=True)
-        u_shape = b("Shape", u)
+        u_shape = b("Shape", uq)  # not of u: a QDQ group fuses only when Q is the Conv's one consumer
         shape = b(
             "Concat",
             b("Slice", u_shape, b.ints([0]), b.ints([1])),
@@ -209,13 +213,23 @@ def _masked_int8(b: _Body, conv: bool, granularity: str, rank: str) -> None:
     b.stage = "exact"
     wd, w_scale = _qdq_weight(b, "W", conv)
     bias_scale = b("Mul", w_scale, xs)
-    bias = b("DequantizeLinear", b("Cast", b("Round", b("Div", "B", bias_scale)), to=TensorProto.INT32), bias_scale)
+    bias_levels = b("Cast", b("Round", b("Div", "B", bias_scale)), to=TensorProto.INT32)
+    bias = b("DequantizeLinear", bias_levels, bias_scale, axis=0)
     y = b("Conv", xd, wd, bias, refs=geometry) if conv else b("Gemm", xd, wd, bias, transB=1)
     ys, yz = b.ref("y_scale", "float"), _zero_point(b, "y_zero_point")
     exact = b("DequantizeLinear", b("QuantizeLinear", y, ys, yz), ys, yz)
     b.stage = "fill"
     b("Where", mask, exact, pred, outputs=["Y"])
     b("Identity", mask, outputs=["M"])
+
+
+def computes_densely(op_type: str, overload: str) -> bool:
+    """Whether the int8 body of a node with this (float or int8) overload computes the exact layer densely, as a
+    QDQ group fused into ORT's u8 x s8 kernels (whose AVX2 form can saturate 8-bit weights: `w_bits` 7 there),
+    rather than by gathered u8 x u8 MatMulInteger."""
+    granularity = overload.split("_", 1)[0]
+    skip = granularity == "channel" and lowering_of_overload(overload) == "skip"
+    return not (skip and (op_type != CONV or kernel_of_overload(overload) is not None))
 
 
 def layer_function_int8(
