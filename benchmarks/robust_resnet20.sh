@@ -32,14 +32,14 @@ finetune() {  # NAME EXTRA-FLAGS...
 }
 
 calibrate() {  # NENNI on the robust model: channel granularity (the deployment default), 50 % exact, k = n/4
-  [ -d "$OUT/fast-nenni" ] || $NENNI calibrate --arch resnet20 --weights "$OUT/fast/model.safetensors" "${DATA[@]}" \
+  [ -d "$OUT/fast-nenni" ] || $NENNI calibrate --arch resnet20 --weights "$OUT/fast/weights.safetensors" "${DATA[@]}" \
       --granularity channel --ratio 0.5 --proj-dim n/4 --eval-n "$EVAL_N" --threads "$THREADS" \
       --out "$OUT/fast-nenni" --json "$OUT/fast-nenni.json"
 }
 
 evaluate() {  # clean and PGD-20 accuracy on the first EVAL_N test images (nenni eval is a later issue)
   $PY benchmarks/robust_eval.py "${DATA[@]}" --n "$EVAL_N" --threads "$THREADS" --json "$OUT/eval.json" \
-      --model "fast=$OUT/fast/model.safetensors" --model "fast-slim=$OUT/fast-slim/model.safetensors" \
+      --model "fast=$OUT/fast/weights.safetensors" --model "fast-slim=$OUT/fast-slim/weights.safetensors" \
       --model "standard=$WEIGHTS"
 }
 # eval.json keeps, per model, the indices of the images that survive PGD-20 (`robust_indices`): the SLIM

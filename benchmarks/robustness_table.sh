@@ -35,7 +35,7 @@ DATA=(--data cifar10 --data-dir "$SHARED/data/cifar10")
 declare -A WEIGHTS=(
   [resnet20]="$SHARED/weights/cifar10/akamaster/resnet20-12fca82f.th"
   [resnet4b]="$SHARED/weights/cifar10/abcrown/resnet4b.pth"
-  [resnet20at]="${ROBUST_R20:-runs/robust8/fast/model.safetensors}"
+  [resnet20at]="${ROBUST_R20:-runs/robust8/fast/weights.safetensors}"
 )
 declare -A ARCH_OF=([resnet20at]=resnet20)
 declare -A EPS=([resnet20]="1/255,2/255,4/255" [resnet4b]="2/255,4/255,8/255" [resnet20at]="2/255,4/255,8/255")

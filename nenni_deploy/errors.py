@@ -17,3 +17,9 @@ def dataclass_from_dict(cls, d: dict, what: str):
     if unknown:
         raise NenniError(f"unknown {what} config keys: {', '.join(sorted(unknown))}")
     return cls(**d)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries wrap the cause in paragraphs of advice), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

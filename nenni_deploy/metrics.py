@@ -28,4 +28,4 @@ def accuracy(
     """Top-1 accuracy in percent."""
     if len(x) == 0:
         return float("nan")
-    return float((predict_labels(model, x, batch_size, progress) == y).float().mean() * 100)
+    return 100.0 * int((predict_labels(model, x, batch_size, progress) == y).sum()) / len(x)

@@ -105,7 +105,8 @@ def test_slim_redraws_layer_and_lambda_per_batch_and_changes_the_attack():
 
 def test_slim_layer_patterns_resolve_against_the_model():
     net = tiny_net()
-    assert resolve_slim_layers(net, ["auto"]) == ["block"]  # TinyBlock: class name ends in Block
+    # No sequential stages: each resolution's last feature map (the residual block, the strided conv's norm).
+    assert resolve_slim_layers(net, ["auto"], (3, 12, 12)) == ["block", "bn_down"]
     assert resolve_slim_layers(net, ["block.conv*"]) == ["block.conv1", "block.conv2"]
     with pytest.raises(NenniError, match="no layer matches"):
         resolve_slim_layers(net, ["nope*"])
@@ -248,14 +249,14 @@ def test_train_command_with_fast_at_and_slim(tmp_path):
     assert s["method_settings"]["eps"] == pytest.approx(16 / 255) and s["method_settings"]["slim_layers"]
     assert all(isinstance(r["pgd_acc"], float) for r in s["history"])
     assert s["best_value"] == max(r["pgd_acc"] for r in s["history"])
-    assert "pgd_acc" in result.output and (out / "model.safetensors").is_file()
+    assert "pgd_acc" in result.output and (out / "weights.safetensors").is_file()
 
 
 def test_finetune_command_adversarial_through_nenni_and_bpda(tmp_path):
     model = tmp_path / "base"
     assert _invoke("train", *DIGITS, "--epochs", 1, "--out", model).exit_code == 0
     cal = tmp_path / "cal"
-    result = _invoke("calibrate", "--arch", "small_cnn", "--weights", model / "model.safetensors", "--data", "digits",
+    result = _invoke("calibrate", "--arch", "small_cnn", "--weights", model / "weights.safetensors", "--data", "digits",
                      "--ratio", 0.5, "--granularity", "channel", "--proj-dim", "n/2", "--out", cal)  # fmt: skip
     assert result.exit_code == 0, result.output
     for via in ("nenni", "exact"):

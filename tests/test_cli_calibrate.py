@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from nenni_deploy.cli import main
 from nenni_deploy.models import create_model, save_state_dict
-from nenni_deploy.nenni.io import load_nenni_model
+from nenni_deploy.nenni.io import load_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_calibrate_writes_model_json_and_honours_layer_ratios(tmp_path, weights)
     assert "MACs/image" in result.output and "conv2" in result.output
     summary = json.loads(js.read_text())
     assert {s["name"]: s["ratio"] for s in summary["layers"]} == {"conv2": 0.5, "conv3": 0.25}
-    model, card = load_nenni_model(out)
+    model, card = load_model_dir(out)
     assert card["layers"][1]["ratio"] == 0.25 and card["metrics"]["eval_images"] == 64
     info = CliRunner().invoke(main, ["info", str(out)])
     assert info.exit_code == 0 and "conv3" in info.output
@@ -56,7 +56,7 @@ def test_calibrate_writes_model_json_and_honours_layer_ratios(tmp_path, weights)
     "args, message",
     [
         (["--arch", "nonet"], "unknown"),
-        (["--arch", "resnet20"], "cifar10"),
+        (["--arch", "resnet20", "--data", "digits"], "does not fit"),
         (["--ratio", "1.5"], "ratio"),
         (["--ratio", "0"], "ratio"),
         (["--layer-ratio", "conv3"], "PATTERN=RATIO"),

@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from nenni_deploy.attacks.budget import parse_eps, parse_eps_list
 from nenni_deploy.cli import main
 from nenni_deploy.data import load_dataset
 from nenni_deploy.errors import NenniError
-from nenni_deploy.evaluation.budget import parse_eps, parse_eps_list
 from nenni_deploy.evaluation.run import Cache, Evaluation, RowResult, check_budget, sanity_warnings, worst_case
 from nenni_deploy.evaluation.suite import Settings, parse_attacks, plan
 from nenni_deploy.evaluation.targets import load_surrogates, load_target
@@ -71,18 +71,18 @@ def test_eps_out_of_range_or_malformed_is_refused(bad):
 def test_suite_per_target_kind_with_reasons_for_what_it_skips(models):
     settings = Settings(steps=2)
     dense = load_target("small_cnn", weights=models["weights"])
-    rows, skipped = plan(dense, None, settings, [])
+    rows, skipped = plan(dense, None, settings, [], (1, 8, 8))
     assert {r.name for r in rows} >= {"pgd-ce", "pgd-margin", "autoattack-standard"}
     assert set(skipped) == {"bpda", "eot", "transfer"} and all(skipped.values())
 
     nenni = load_target(models["nenni"])
-    rows, skipped = plan(nenni, None, settings, load_surrogates(["base"], nenni))
+    rows, skipped = plan(nenni, None, settings, load_surrogates(["base"], nenni), (1, 8, 8))
     names = {r.name for r in rows}
     assert {"bpda-exact", "bpda-approx", "autoattack-standard", "transfer-pgd:base", "transfer-mi-di:base"} <= names
     assert set(skipped) == {"eot"}
 
     noisy = load_target(models["noisy"])
-    rows, skipped = plan(noisy, None, settings, [])
+    rows, skipped = plan(noisy, None, settings, [], (1, 8, 8))
     names = {r.name for r in rows}
     assert {"eot-20", "bpda-exact+eot", "autoattack-rand"} <= names and "autoattack-standard" not in names
     assert all(r.config.get("eot", 20) == 20 for r in rows if r.family in ("adaptive", "feature"))

@@ -13,7 +13,7 @@ from nenni_deploy.data import load_dataset
 from nenni_deploy.models import create_model
 from nenni_deploy.nenni.calibrate import calibrate
 from nenni_deploy.nenni.config import NenniConfig
-from nenni_deploy.nenni.io import load_nenni_model
+from nenni_deploy.nenni.io import load_model_dir
 from nenni_deploy.nenni.layers import nenni_layers, set_execution, set_mode
 
 pytestmark = pytest.mark.shared
@@ -105,7 +105,7 @@ def test_calibrate_command_writes_model_dir_and_json(tmp_path, cifar10_dir, weig
         assert key in summary
     assert summary["config"]["granularity"] == "nm" and summary["config"]["nm"] == "4:8"
     assert summary["bitops_nenni"] < summary["bitops_dense"]
-    model, card = load_nenni_model(out)
+    model, card = load_model_dir(out)
     assert len(nenni_layers(model)) == 18 and card["metrics"]["nenni_accuracy"] == summary["nenni_accuracy"]
     info = CliRunner().invoke(main, ["info", str(out)])
     assert info.exit_code == 0 and "layer1.0.conv1" in info.output

@@ -10,10 +10,10 @@ import torch
 from _nets import tiny_net
 from torch import nn
 
-from nenni_deploy.errors import NenniError, UnsupportedLayerError
+from nenni_deploy.errors import NenniError
 from nenni_deploy.nenni import selection
 from nenni_deploy.nenni.config import LayerSpec, NenniConfig, parse_nm, resolve_proj_dim
-from nenni_deploy.nenni.convert import analyse, convert, fold_batchnorm
+from nenni_deploy.nenni.convert import analyse, conversion_plan, convert, fold_batchnorm
 from nenni_deploy.nenni.cost import layer_costs, totals
 from nenni_deploy.nenni.fit import NormalEquations, fit
 from nenni_deploy.nenni.layers import (
@@ -201,10 +201,19 @@ def test_include_exclude_patterns():
         convert(tiny_net(), NenniConfig(include=["nothing*"]))
 
 
-def test_unsupported_layers_are_refused():
-    net = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(UnsupportedLayerError, match="grouped"):
-        convert(net, NenniConfig())
+def test_unsupported_layers_stay_dense_with_the_reason():
+    net = nn.Sequential(
+        nn.Conv2d(4, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 1, groups=2), nn.Conv2d(8, 8, 1),
+        nn.Flatten(), nn.Linear(8, 2),
+    )  # fmt: skip
+    plan = conversion_plan(net, NenniConfig())
+    assert [s.name for s in plan.specs] == ["3"]
+    reasons = {d["name"]: d["reason"] for d in plan.dense}
+    assert "depthwise" in reasons["1"] and "grouped" in reasons["2"]
+    assert "first convolution" in reasons["0"] and "classifier" in reasons["5"]
+    only_grouped = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(NenniError, match="no layer of this model can be converted.*grouped"):
+        convert(only_grouped, NenniConfig())
 
 
 def test_nm_needs_divisible_width():

@@ -170,14 +170,14 @@ def test_pipeline_imports_a_checkpoint_without_training(tmp_path):
     config = tmp_path / "import.toml"
     config.write_text(
         f'out = "{tmp_path / "run"}"\nthreads = 1\n[model]\narch = "small_cnn"\n'
-        f'weights = "{trained / "model.safetensors"}"\n[calibrate]\nratio = 0.75\ncalib-n = 256\neval-n = 100\n'
+        f'weights = "{trained / "weights.safetensors"}"\n[calibrate]\nratio = 0.75\ncalib-n = 256\neval-n = 100\n'
         "[export]\n[check]\nn = 50\n"
     )
     result = invoke("pipeline", config)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert list(summary["stages"]) == ["calibrate", "export", "check"]
-    assert summary["weights"] == str(trained / "model.safetensors")
+    assert summary["weights"] == str(trained / "weights.safetensors")
     assert summary["speed"] is None and summary["robustness"] is None
     assert "## Speed" not in (tmp_path / "run" / "report.md").read_text()
 

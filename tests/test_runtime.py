@@ -18,7 +18,7 @@ from nenni_deploy.data import load_dataset
 from nenni_deploy.errors import NenniError
 from nenni_deploy.exporters import graph, ops
 from nenni_deploy.nenni.config import LayerSpec, NenniConfig
-from nenni_deploy.nenni.io import load_nenni_model, save_nenni_model
+from nenni_deploy.nenni.io import load_model_dir, save_model_dir
 from nenni_deploy.runtime import (
     OrtRunner,
     RuntimeFallbackWarning,
@@ -52,7 +52,7 @@ def workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model_dir(workdir):
     model, _, config, specs = small_cnn_nenni("channel", "gaussian")
-    return save_nenni_model(workdir / "nenni", model, arch="small_cnn", config=config, specs=specs)
+    return save_model_dir(workdir / "nenni", model, source="small_cnn", config=config, specs=specs)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_check_command_passes_and_reports_noise(workdir, model_dir, onnx_path):
 def test_runners_agree_and_batching_does_not_matter(model_dir, onnx_path):
     from nenni_deploy.runtime.parity import runnable_proto, torch_reference
 
-    model, _ = load_nenni_model(model_dir)
+    model, _ = load_model_dir(model_dir)
     loaded = load_onnx_checked(onnx_path)
     deterministic = check_proto(graph.without_noise(runnable_proto(loaded)))
     x = DIGITS.x[:50]
@@ -286,7 +286,7 @@ def test_export_to_an_unwritable_place_fails_cleanly(tmp_path, model_dir):
         locked.chmod(0o700)
     result = cli("export", model_dir, "--out", tmp_path, "--no-check")  # a directory
     assert result.exit_code != 0
-    assert_one_line_error(cli("export", tmp_path / "nothere", "--out", tmp_path / "x.onnx"), "not a NENNI model")
+    assert_one_line_error(cli("export", tmp_path / "nothere", "--out", tmp_path / "x.onnx"), "not a model directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "locked"]
 
 
@@ -300,14 +300,14 @@ def _writable(folder) -> bool:
 
 
 def test_check_command_fails_on_a_mismatched_model(tmp_path, model_dir, onnx_path):
-    model, card = load_nenni_model(model_dir)
+    model, card = load_model_dir(model_dir)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)
-    other = save_nenni_model(
+    other = save_model_dir(
         tmp_path / "other",
         model,
-        arch="small_cnn",
+        source="small_cnn",
         config=NenniConfig.from_dict(card["nenni"]),
         specs=[LayerSpec.from_dict(s) for s in card["layers"]],
     )

@@ -19,7 +19,7 @@ from nenni_deploy.cli import main
 from nenni_deploy.errors import NenniError
 from nenni_deploy.exporters import graph, ops
 from nenni_deploy.exporters.export import ExportOptions, build_onnx
-from nenni_deploy.nenni.io import save_nenni_model
+from nenni_deploy.nenni.io import save_model_dir
 from nenni_deploy.runtime import OrtRunner, providers
 from nenni_deploy.runtime.tensorrt import build, launch, plugins
 from nenni_deploy.runtime.tensorrt.launch import LayerAttrs
@@ -264,7 +264,7 @@ def _small_cnn_dir(root):
     from test_export_support import small_cnn_nenni
 
     model, _, config, specs = small_cnn_nenni("channel", "gaussian")
-    return save_nenni_model(root / "nenni", model, arch="small_cnn", config=config, specs=specs)
+    return save_model_dir(root / "nenni", model, source="small_cnn", config=config, specs=specs)
 
 
 @pytest.fixture(scope="module")

@@ -260,7 +260,7 @@ def test_train_command_end_to_end_on_digits(trained_digits):
     assert summary["arch"] == "small_cnn" and summary["method"] == "standard" and summary["epochs"] == 2
     assert summary["test_accuracy"] > 80
     for name in (
-        "model.safetensors",
+        "weights.safetensors",
         ckpt.LAST,
         ckpt.LAST_OPTIM,
         ckpt.LAST_STATE,
@@ -269,7 +269,7 @@ def test_train_command_end_to_end_on_digits(trained_digits):
         ckpt.CURVES,
     ):
         assert (run / name).is_file(), name
-    model = create_model("small_cnn", weights=run / "model.safetensors")
+    model = create_model("small_cnn", weights=run / "weights.safetensors")
     test = load_dataset("digits", "test")
     assert accuracy(model, test.x, test.y) == pytest.approx(summary["test_accuracy"])
 
@@ -277,15 +277,15 @@ def test_train_command_end_to_end_on_digits(trained_digits):
 def test_finetune_command_on_a_digits_nenni_model(trained_digits, tmp_path):
     from nenni_deploy.data import load_dataset
     from nenni_deploy.models import create_model
-    from nenni_deploy.nenni.io import load_nenni_model, save_nenni_model
+    from nenni_deploy.nenni.io import load_model_dir, save_model_dir
 
     run, _ = trained_digits
-    model = create_model("small_cnn", weights=run / "model.safetensors")
+    model = create_model("small_cnn", weights=run / "weights.safetensors")
     config = NenniConfig(granularity="channel", ratio=0.5, proj_dim="n/2")
     specs = convert(model, config)
     fit(model, [load_dataset("digits", "train").x[:512]], progress=False)
-    src = save_nenni_model(
-        tmp_path / "nenni", model, arch="small_cnn", config=config, specs=specs, history=[{"stage": "calibrate"}]
+    src = save_model_dir(
+        tmp_path / "nenni", model, source="small_cnn", config=config, specs=specs, history=[{"stage": "calibrate"}]
     )
     out, summary = tmp_path / "tuned", tmp_path / "ft.json"
     result = _invoke(
@@ -295,7 +295,7 @@ def test_finetune_command_on_a_digits_nenni_model(trained_digits, tmp_path):
     s = json.loads(summary.read_text())
     assert {"nenni_accuracy_before", "nenni_accuracy_after", "exact_accuracy_after", "seconds_per_epoch"} <= set(s)
     assert s["nenni_accuracy_after"] > max(30.0, s["nenni_accuracy_before"] - 5)  # no collapse
-    tuned, card = load_nenni_model(out)
+    tuned, card = load_model_dir(out)
     assert [h["stage"] for h in card["history"]] == ["calibrate", "finetune"]
     assert card["metrics"]["nenni_accuracy"] == pytest.approx(s["nenni_accuracy_after"])
     assert (out / "train" / ckpt.LAST_STATE).is_file() and len(nenni_layers(tuned)) == len(specs)
@@ -307,7 +307,7 @@ def test_finetune_command_on_a_digits_nenni_model(trained_digits, tmp_path):
     result = _invoke("finetune", src, "--epochs", 2, "--batch-size", 32, "--out", out, "--resume", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "resumed after epoch 1" in result.output
-    _, card = load_nenni_model(out)
+    _, card = load_model_dir(out)
     assert card["history"][-1]["epochs"] == 2 and len(ckpt.read_metrics(out / "train")) == 2
 
 

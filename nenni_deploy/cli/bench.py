@@ -8,7 +8,7 @@ import click
 
 from ..errors import NenniError
 from ..tables import format_table
-from .options import json_option, write_json_atomic
+from .options import json_option, write_json
 
 
 @click.command(name="bench")
@@ -96,7 +96,7 @@ def command(
     report = run_bench(model_path, baseline_path, settings, progress=not quiet)
     click.echo(summary_text(report))
     if json_path:
-        write_json_atomic(json_path, report)
+        write_json(json_path, report)
         click.echo(f"wrote {json_path}")
     if plot_path:
         from ..evaluation.bench_plot import plot_report

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import json_option, write_json_atomic
+from .options import json_option, write_json
 
 
 @click.command(name="build")
@@ -39,4 +39,4 @@ def command(model, out, fp16, min_batch, opt_batch, max_batch, workspace, verbos
         f"{', fp16' if fp16 else ''}"
     )
     if json_path:
-        write_json_atomic(json_path, {"model": str(model), **result.to_dict()})
+        write_json(json_path, {"model": str(model), **result.to_dict()})

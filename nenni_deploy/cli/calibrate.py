@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
 
 from ..errors import NenniError
-from ..nenni.calibrate import calibrate
-from ..nenni.config import GRANULARITIES, NOISE_MODES, RANK_MODES, NenniConfig
-from ..tables import format_table
-from .options import apply_threads, arch_option, data_options, json_option, runtime_options, write_json_atomic
+from ..nenni.config import GRANULARITIES, NOISE_MODES, RANK_MODES
+from .options import (
+    apply_threads,
+    data_options,
+    json_option,
+    model_and_data,
+    model_options,
+    runtime_options,
+    write_json,
+)
 
 
 def _split_patterns(text: str | None) -> list[str] | None:
@@ -19,13 +24,7 @@ def _split_patterns(text: str | None) -> list[str] | None:
 
 
 @click.command(name="calibrate")
-@arch_option()
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Checkpoint (.safetensors, or a torch file loaded with weights_only=True).",
-)
+@model_options()
 @data_options()
 @click.option("--ratio", type=float, default=0.5, show_default=True, help="Essential fraction per layer.")
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="channel", show_default=True)
@@ -41,7 +40,7 @@ def _split_patterns(text: str | None) -> list[str] | None:
     type=click.Choice(RANK_MODES),
     default="auto",
     show_default=True,
-    help="auto: magnitude before a residual add, signed elsewhere.",
+    help="auto: signed where a rectifying activation follows, magnitude elsewhere (residual adds, concatenations).",
 )
 @click.option("--noise", type=click.Choice(NOISE_MODES), default="none", show_default=True)
 @click.option("--noise-scale", type=float, default=1.0, show_default=True, help="Multiple of the residual RMS.")
@@ -67,103 +66,38 @@ def _split_patterns(text: str | None) -> list[str] | None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model directory to write.")
 @runtime_options()
 @json_option()
-def command(
-    arch,
-    weights,
-    data_name,
-    data_dir,
-    ratio,
-    granularity,
-    nm,
-    proj_dim,
-    rank,
-    noise,
-    noise_scale,
-    approx_bits,
-    layer_ratios,
-    include,
-    exclude,
-    ridge,
-    calib_n,
-    eval_n,
-    out,
-    threads,
-    batch_size,
-    seed,
-    json_path,
-):
+def command(data_name, data_dir, image_size, out, threads, batch_size, seed, json_path, calib_n, eval_n, **kw):
     """Fit NENNI approximators to a trained model, evaluate dense vs NENNI, write MODEL_DIR."""
-    from ..data import load_dataset
-    from ..models import create_model, model_info
+    from ..app.calibrate import CalibrateConfig, calibrate
+    from ..nenni.config import NenniConfig
 
     apply_threads(threads)
-    info = model_info(arch)
-    if info.dataset != data_name:
-        raise NenniError(f"--arch {arch} is built for {info.dataset}, not --data {data_name}")
-    if weights is None:
+    if kw["weights"] is None and not Path(kw["arch"]).is_dir():
         raise NenniError("--weights is required: calibrate a trained model (train one with `nenni train`)")
-    config = NenniConfig(
-        ratio=ratio,
-        granularity=granularity,
-        nm=nm,
-        proj_dim=proj_dim,
-        rank=rank,
-        noise=noise,
-        noise_scale=noise_scale,
-        approx_bits=approx_bits,
-        include=_split_patterns(include),
-        exclude=_split_patterns(exclude) or [],
-        ratios=_parse_layer_ratios(layer_ratios),
+    nenni = NenniConfig(
+        ratio=kw.pop("ratio"),
+        granularity=kw.pop("granularity"),
+        nm=kw.pop("nm"),
+        proj_dim=kw.pop("proj_dim"),
+        rank=kw.pop("rank"),
+        noise=kw.pop("noise"),
+        noise_scale=kw.pop("noise_scale"),
+        approx_bits=kw.pop("approx_bits"),
+        include=_split_patterns(kw.pop("include")),
+        exclude=_split_patterns(kw.pop("exclude")) or [],
+        ratios=_parse_layer_ratios(kw.pop("layer_ratios")),
         seed=seed,
-        ridge=ridge,
+        ridge=kw.pop("ridge"),
     )
-    model = create_model(arch, weights=weights)
-    train = load_dataset(data_name, "train", data_dir)
-    test = load_dataset(data_name, "test", data_dir)
-    test_x, test_y = (test.x[:eval_n], test.y[:eval_n]) if eval_n else (test.x, test.y)
-    start = time.perf_counter()
-    result = calibrate(model, config, train.x, test_x, test_y, calib_n=calib_n, batch_size=batch_size)
-    total = result.cost["totals"]
-    metrics = {
-        "dense_accuracy": result.dense_accuracy,
-        "nenni_accuracy": result.nenni_accuracy,
-        "eval_images": len(test_x),
-        "data": data_name,
-        "macs_dense": total["macs_dense"],
-        "macs_nenni": total["macs_nenni"],
-        "bitops_dense": total["bitops_dense"],
-        "bitops_nenni": total["bitops_nenni"],
-        "fit_seconds": result.fit_seconds,
-        "calib_images": min(calib_n, len(train.x)),
-    }
-    from ..nenni.io import save_nenni_model
-
-    save_nenni_model(
-        out,
-        result.model,
-        arch=arch,
-        config=config,
-        specs=result.specs,
-        metrics=metrics,
-        history=[{"stage": "calibrate", "weights": str(weights), **metrics}],
-    )
-    click.echo(layer_table(result))
-    click.echo(summary(result))
+    config = CalibrateConfig(nenni, calib_n=calib_n, eval_n=eval_n, batch_size=batch_size)
+    model, spec, train, test = model_and_data(kw, data_name, data_dir, image_size)
+    result = calibrate(model, train, test, config)
+    result.save(out)
+    click.echo(result.layer_table())
+    click.echo(result.summary())
     click.echo(f"wrote {out}")
     if json_path:
-        write_json_atomic(
-            json_path,
-            {
-                **metrics,
-                "arch": arch,
-                "weights": str(weights),
-                "model_dir": str(out),
-                "seconds": time.perf_counter() - start,
-                "config": config.to_dict(),
-                "layers": [{**s.to_dict(), **c} for s, c in zip(result.specs, _nenni_rows(result), strict=True)],
-                "cost": result.cost,
-            },
-        )
+        write_json(json_path, result.to_json())
 
 
 def _parse_layer_ratios(items: tuple[str, ...]) -> dict[str, float]:
@@ -177,48 +111,3 @@ def _parse_layer_ratios(items: tuple[str, ...]) -> dict[str, float]:
         if not sep or not pattern:
             raise NenniError(f"--layer-ratio takes PATTERN=RATIO (e.g. 'layer3.*=0.75'), got {item!r}")
     return ratios
-
-
-def _nenni_rows(result) -> list[dict]:
-    return [r for r in result.cost["layers"] if r["proj_dim"] is not None]
-
-
-def layer_table(result) -> str:
-    fits = {f.name: f for f in result.fits}
-    rows = []
-    for c in result.cost["layers"]:
-        spec = next((s for s in result.specs if s.name == c["name"]), None)
-        f = fits.get(c["name"])
-        rows.append(
-            [
-                c["name"],
-                c["kind"],
-                c["in_dim"],
-                c["out_dim"],
-                c["proj_dim"],
-                c["essential"],
-                spec.rank if spec else "dense",
-                f.rel_error if f else None,
-                c["macs_dense"],
-                c["macs_nenni"],
-                c["bitops_nenni"] / c["bitops_dense"] if c["bitops_dense"] else None,
-            ]
-        )
-    return format_table(
-        ["layer", "kind", "d", "n", "k", "K", "rank", "fit err", "MACs dense", "MACs NENNI", "BitOPs ratio"],
-        rows,
-    )
-
-
-def summary(result) -> str:
-    t, a = result.cost["totals"], result.cost["assumptions"]
-    return "\n".join(
-        [
-            f"accuracy: dense {result.dense_accuracy:.2f} %  NENNI {result.nenni_accuracy:.2f} %",
-            f"MACs/image: dense {t['macs_dense']:,}  NENNI {t['macs_nenni']:,}"
-            f"  ({t['mac_reduction'] * 100:.1f} % fewer; projection charged as dense float MACs)",
-            f"BitOPs/image: dense {t['bitops_dense']:,}  NENNI {t['bitops_nenni']:,}"
-            f"  ({t['bitops_reduction'] * 100:.1f} % fewer; {a['text']})",
-            f"fit: {result.fit_seconds:.1f} s",
-        ]
-    )

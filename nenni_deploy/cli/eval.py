@@ -10,7 +10,7 @@ import click
 
 from ..errors import NenniError
 from ..tables import format_table
-from .options import apply_threads, json_option, write_json_atomic
+from .options import apply_threads, json_option, write_json
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -97,8 +97,8 @@ def command(target_spec, **kw):
     """Robust accuracy of TARGET: a NENNI model directory, an exported .onnx (with --source), or ARCH --weights."""
     import torch
 
+    from ..attacks.budget import parse_eps_list
     from ..data import load_dataset
-    from ..evaluation.budget import parse_eps_list
     from ..evaluation.run import Cache, Evaluation, digest, images_digest, sanity_warnings, to_json, worst_case
     from ..evaluation.suite import Settings, parse_attacks, plan
     from ..evaluation.targets import describe, load_surrogates, load_target
@@ -148,7 +148,7 @@ def command(target_spec, **kw):
         surrogate_specs.insert(0, "base")
     wants_transfer = attacks is None or "transfer" in attacks
     surrogates = load_surrogates(surrogate_specs, target) if wants_transfer else []
-    rows, skipped = plan(target, attacks, settings, surrogates)
+    rows, skipped = plan(target, attacks, settings, surrogates, tuple(x.shape[1:]))
     if not rows:
         raise NenniError("no attack applies to this target: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
 
@@ -206,7 +206,7 @@ def command(target_spec, **kw):
         write_plot(kw["plot_path"], report)
         click.echo(f"wrote {kw['plot_path']}")
     if kw["json_path"]:
-        write_json_atomic(kw["json_path"], report)
+        write_json(kw["json_path"], report)
         click.echo(f"wrote {kw['json_path']}")
 
 

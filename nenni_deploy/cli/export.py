@@ -1,4 +1,4 @@
-"""`nenni export`: a NENNI model directory to ONNX (ai.nenni ops), checked against PyTorch before it is written."""
+"""`nenni export`: a model directory to ONNX (ai.nenni ops for NENNI layers), checked against PyTorch first."""
 
 from __future__ import annotations
 
@@ -6,35 +6,11 @@ from pathlib import Path
 
 import click
 
-from ..errors import NenniError
-from .options import apply_threads, json_option, write_json_atomic
-
-PARITY_MIN_AGREEMENT = 99.0  # percent top-1 agreement below which an export is refused
+from .options import apply_threads, data_options, json_option, threads_option, write_json
 
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MB"
-
-
-def check_images(dataset: str, data_dir: Path | None, n: int):
-    """(x, y, description) of the first n test images; random images (y None) when the data set is absent."""
-    import torch
-
-    from ..data import load_dataset, subset
-
-    try:
-        ds = subset(load_dataset(dataset, "test", data_dir), n)
-        return ds.x, ds.y, f"{len(ds)} {dataset} test images"
-    except NenniError as exc:
-        generator = torch.Generator().manual_seed(0)
-        shape = _DATASET_SHAPES.get(dataset)
-        if shape is None:
-            raise
-        x = torch.rand(n, *shape, generator=generator)
-        return x, None, f"{n} random images ({exc})"
-
-
-_DATASET_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32)}
 
 
 def format_parity(report) -> list[str]:
@@ -64,18 +40,12 @@ def format_parity(report) -> list[str]:
     return lines
 
 
-def parity_failure(report, min_agreement: float) -> str | None:
-    if report.agreement < min_agreement:
-        return f"top-1 agreement {report.agreement:.2f} % is below {min_agreement:.1f} %"
-    if not report.noise_ok:
-        return "the noise checks failed (see above)"
-    return None
-
-
 @click.command(name="export")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .onnx file.")
-@click.option("--dense", is_flag=True, help="Export the base model of the same weights (every layer exact).")
+@click.option(
+    "--dense", is_flag=True, help="Export the dense model the directory was made from (its original weights)."
+)
 @click.option(
     "--target",
     type=click.Choice(["ort", "tensorrt"]),
@@ -94,12 +64,7 @@ def parity_failure(report, min_agreement: float) -> str | None:
     help="Seed the noise nodes (reproducible sessions); default: fresh noise in every session.",
 )
 @click.option("--no-noise", is_flag=True, help="Leave the noise nodes out (the deterministic part only).")
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="CIFAR-10 folder for the check (else $NENNI_DATA_DIR).",
-)
+@data_options()
 @click.option(
     "--channel-lowering",
     type=click.Choice(["skip", "masked", "auto"]),
@@ -122,7 +87,7 @@ def parity_failure(report, min_agreement: float) -> str | None:
     show_default=True,
     help="ORT threads --channel-lowering auto times layers with (as in deployment).",
 )
-@click.option("--threads", type=click.IntRange(1, 256), default=None, help="Threads for the check.")
+@threads_option("Threads for the check.")
 @json_option()
 def command(
     model_dir,
@@ -135,23 +100,23 @@ def command(
     check_n,
     noise_seed,
     no_noise,
+    data_name,
     data_dir,
+    image_size,
     channel_lowering,
     tune_batch,
     tune_threads,
     threads,
     json_path,
 ):
-    """Export MODEL_DIR to ONNX with a dynamic batch axis; images in [0, 1] in, logits out."""
-    from ..exporters.export import ExportOptions, build_onnx, export_to_file
-    from ..models import model_info
-    from ..nenni.io import load_nenni_model
-    from ..runtime import check_proto, load_onnx_checked
-    from ..runtime.parity import check_parity
+    """Export MODEL_DIR (from calibrate, finetune, train or prune) to ONNX with a dynamic batch axis: images in
+    [0, 1] in (normalisation is inside the graph), logits out."""
+    from ..app.export import export_onnx
+    from ..exporters.export import ExportOptions
+    from ..nenni.model import data_for, open_model_dir
 
     apply_threads(threads)
-    model, card = load_nenni_model(model_dir)
-    info = model_info(card["arch"])
+    model = open_model_dir(model_dir)
     options = ExportOptions(
         target=target,
         opset=opset,
@@ -162,37 +127,27 @@ def command(
         tune_batch=tune_batch,
         tune_threads=tune_threads,
     )
-    exported = build_onnx(model, card, info.input_shape, options)
-    summary = {"model_dir": str(model_dir), "out": str(out), **options.__dict__, "stats": exported.stats}
-    report = None
-    if check:
-        x, y, described = check_images(info.dataset, data_dir, check_n)
-        report = check_parity(model, check_proto(exported.proto, require_functions=False), x, y, threads=threads)
-        for line in format_parity(report):
+    data = data_for(model, data_name, data_dir, image_size) if (data_name or data_dir or image_size) else None
+    report = export_onnx(
+        model, out, options, check=check, check_n=check_n, data=data, threads=threads, external_data=external_data
+    )
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    if report.parity is not None:
+        for line in format_parity(report.parity):
             click.echo(line)
-        click.echo(f"(checked on {described})")
-        failure = parity_failure(report, PARITY_MIN_AGREEMENT)
-        if failure:
-            raise NenniError(f"parity check failed: {failure}; nothing written (use --no-check to write anyway)")
-    result = export_to_file(model, card, info.input_shape, out, options, external_data=external_data, exported=exported)
-    load_onnx_checked(out, require_functions=target == "ort")  # the written file reads back
-    stats = result.stats
+        click.echo(f"(checked on {report.checked_on})")
+    result, stats = report.result, report.result.stats
     if target == "tensorrt":  # build_onnx refused the export otherwise
         click.echo("TensorRT check: every node is a native TensorRT op or resolves to a nenni:: plugin")
+    what = "dense" if dense or not model.is_nenni else "NENNI"
     click.echo(
         f"wrote {', '.join(map(str, result.files))} ({_mb(result.bytes)}); target {target}, opset {opset}, "
-        f"{'dense' if dense else 'NENNI'}; export {result.seconds:.2f} s"
+        f"{what}; export {result.seconds:.2f} s"
     )
     click.echo(
         f"nodes: {stats['nodes']} ({stats['nenni_layers']} NENNI layers, {stats['nenni_noise']} noise), "
         f"{stats['functions']} functions, {stats['initializers']} initializers, {stats['parameters']:,} parameters"
     )
     if json_path:
-        summary.update(
-            files=[str(f) for f in result.files],
-            bytes=result.bytes,
-            seconds=result.seconds,
-            metadata=result.metadata,
-            parity=report.to_dict() if report else None,
-        )
-        write_json_atomic(json_path, summary)
+        write_json(json_path, report.to_json())

@@ -22,19 +22,46 @@ def _compose(*decorators):
     return apply
 
 
-def arch_option():
-    return click.option("--arch", required=True, help="Registered architecture (see `nenni info --models`).")
+def model_options(required: bool = True):
+    """The model a command starts from: a registered architecture, a user's entry point, or a model directory."""
+    return _compose(
+        click.option(
+            "--arch",
+            required=required,
+            help="A registered architecture (`nenni info --models`), an entry point path/to/file.py:FUNCTION or "
+            "package.module:FUNCTION returning an nn.Module, or a model directory.",
+        ),
+        click.option(
+            "--arch-kwargs", default=None, help="""JSON keyword arguments for the entry point, e.g. '{"width": 2}'."""
+        ),
+        click.option(
+            "--weights",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Checkpoint (.safetensors, or a torch state dict loaded with weights_only=True).",
+        ),
+        click.option(
+            "--mean",
+            default=None,
+            help="Per-channel mean on the [0, 1] scale for a model trained on normalised inputs, e.g. "
+            "0.485,0.456,0.406 (applied inside the model and exported as its first ops).",
+        ),
+        click.option("--std", default=None, help="Per-channel standard deviation on the [0, 1] scale (with --mean)."),
+    )
 
 
-def data_options(default: str = "digits"):
+MODEL_OPTION_FIELDS = ("arch", "arch_kwargs", "weights", "mean", "std")
+
+
+def data_options():
+    """The data set: built in, or the user's own folder (npz arrays or image folders)."""
     return _compose(
         click.option(
             "--data",
             "data_name",
-            default=default,
-            show_default=True,
-            type=click.Choice(["digits", "cifar10"]),
-            help="Data set (digits ships with scikit-learn).",
+            default=None,
+            help="digits (ships with scikit-learn), cifar10, or a folder with train.npz/test.npz or "
+            "train/<class>/ and test/<class>/ images.  [default: the model's own data set]",
         ),
         click.option(
             "--data-dir",
@@ -42,20 +69,68 @@ def data_options(default: str = "digits"):
             default=None,
             help="Folder with CIFAR-10 (train.npz/test.npz or the python batches); else $NENNI_DATA_DIR.",
         ),
+        click.option("--image-size", default=None, help="Resize an image-folder data set to H,W (e.g. 64,64)."),
     )
+
+
+def threads_option(help_text: str = "Intra-op threads (default: the library's choice)."):
+    return click.option("--threads", type=click.IntRange(1, 256), default=None, help=help_text)
+
+
+def batch_size_option(default: int = 256):
+    return click.option("--batch-size", type=click.IntRange(1, 100_000), default=default, show_default=True)
+
+
+def seed_option():
+    return click.option("--seed", type=int, default=0, show_default=True)
+
+
+def progress_option():
+    return click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")
 
 
 def runtime_options():
-    return _compose(
-        click.option(
-            "--threads",
-            type=click.IntRange(1, 256),
-            default=None,
-            help="Intra-op threads for PyTorch (default: torch's choice).",
-        ),
-        click.option("--batch-size", type=click.IntRange(1, 100_000), default=256, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
+    return _compose(threads_option(), batch_size_option(), seed_option())
+
+
+def pop_model(kwargs: dict[str, Any], data=None):
+    """Take the `model_options` values out of a command's kwargs and load the model they name."""
+    from ..models.source import parse_floats
+    from ..nenni.model import load_model
+
+    values = {name: kwargs.pop(name) for name in MODEL_OPTION_FIELDS}
+    return load_model(
+        values["arch"],
+        weights=values["weights"],
+        kwargs=values["arch_kwargs"],
+        mean=parse_floats(values["mean"], "--mean"),
+        std=parse_floats(values["std"], "--std"),
+        data=data,
     )
+
+
+def model_and_data(kwargs: dict[str, Any], data_name, data_dir, image_size):
+    """The model named by `model_options` and the data set (`data_options`, defaulting to the model's own):
+    (model, data spec, train split, test split). The model is checked against the data before any work."""
+    from ..models import list_models, model_info
+    from ..models.source import source_for
+    from ..nenni.model import data_for
+
+    arch = kwargs["arch"]
+    if Path(arch).is_dir():
+        model = pop_model(kwargs)
+        spec = data_for(model, data_name, data_dir, image_size)
+        return model, spec, spec.load("train"), spec.load("test")
+    if not data_name:
+        if arch not in list_models():
+            source_for(arch)  # an unknown name fails here, naming what --arch takes
+            raise NenniError("--data is required with an entry point (digits, cifar10 or a folder)")
+        data_name = model_info(arch).dataset
+    spec = data_for(None, data_name, data_dir, image_size)
+    train, test = spec.load("train"), spec.load("test")
+    model = pop_model(kwargs, data=train)
+    model.data = spec
+    return model, spec, train, test
 
 
 def json_option():
@@ -73,7 +148,7 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write to a temporary name in the same folder and rename, so a failure never leaves half a file."""
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -100,7 +175,7 @@ TRAIN_OPTION_FIELDS = (
 )
 
 
-def training_options(epochs: int, lr: float):
+def training_options(epochs: int | None, lr: float):
     """The SGD loop's settings (nenni_deploy.training.TrainConfig) for every command that trains.
 
     Numbers are plain ints and floats, validated by TrainConfig, so a bad value is a one-line error.
@@ -108,9 +183,15 @@ def training_options(epochs: int, lr: float):
     from ..training.config import AUGMENTS, SCHEDULES
 
     return _compose(
-        click.option("--epochs", type=int, default=epochs, show_default=True),
+        click.option(
+            "--epochs",
+            type=int,
+            default=epochs,
+            show_default=epochs is not None,
+            help=None if epochs is not None else "Default: enough for 600 optimiser steps (at least 2 epochs).",
+        ),
         click.option("--lr", type=float, default=lr, show_default=True, help="Peak learning rate (SGD)."),
-        click.option("--batch-size", type=int, default=128, show_default=True),
+        batch_size_option(128),
         click.option("--momentum", type=float, default=0.9, show_default=True),
         click.option(
             "--weight-decay", type=float, default=5e-4, show_default=True, help="On conv/linear weights only."
@@ -144,10 +225,8 @@ def training_options(epochs: int, lr: float):
         click.option("--eval-every", type=int, default=1, show_default=True, help="Validate every N epochs."),
         click.option("--grad-clip", type=float, default=0.0, show_default=True, help="Max gradient norm (0 = off)."),
         click.option("--label-smoothing", type=float, default=0.0, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option(
-            "--threads", type=int, default=None, help="Intra-op threads for PyTorch (default: torch's choice)."
-        ),
+        seed_option(),
+        threads_option("Intra-op threads for PyTorch (default: torch's choice)."),
         click.option("--resume", is_flag=True, help="Continue from the run's last checkpoint (fresh start if none)."),
     )
 
@@ -158,19 +237,6 @@ def pop_train_config(kwargs: dict[str, Any], **settings: Any):
 
     values = {name: kwargs.pop(name) for name in TRAIN_OPTION_FIELDS}
     return TrainConfig(**values, **settings)
-
-
-def parse_budget(value: str | float | None, option: str) -> float | None:
-    """'8/255' or '0.0314' -> float; a malformed value is a one-line error naming the option."""
-    if value is None or isinstance(value, float):
-        return value
-    try:
-        if "/" in value:
-            num, den = value.split("/", 1)
-            return float(num) / float(den)
-        return float(value)
-    except (ValueError, ZeroDivisionError):
-        raise NenniError(f"{option} must be a number or a fraction like 8/255, got {value!r}") from None
 
 
 # Options of `method_options`, taken out of a command's kwargs by `pop_method`.
@@ -234,53 +300,8 @@ def method_options():
     )
 
 
-def pop_method(kwargs: dict[str, Any], model, label_smoothing: float = 0.0) -> tuple[Any, dict[str, Any]]:
-    """Take the `method_options` values out of kwargs; return the method and the PGD validation settings.
+def pop_method(kwargs: dict[str, Any]):
+    """Take the `method_options` values out of kwargs as a MethodConfig (checked: a bad value is one line)."""
+    from ..training.methods import MethodConfig
 
-    Checked here, before any file is written: a bad value is a one-line error.
-    """
-    from ..training.methods import make_method, resolve_slim_layers
-
-    values = {name: kwargs.pop(name) for name in METHOD_OPTION_FIELDS}
-    eps = parse_budget(values["eps"], "--eps")
-    alpha = parse_budget(values["attack_alpha"], "--attack-alpha")
-    slim_layers: list[str] = []
-    if values["slim"]:
-        patterns = [p.strip() for p in values["slim_layers"].split(",") if p.strip()]
-        slim_layers = resolve_slim_layers(model, patterns or ["auto"])
-    method = make_method(
-        values["method"],
-        eps=eps,
-        steps=values["attack_steps"],
-        alpha=alpha,
-        beta=values["beta"],
-        slim_layers=slim_layers,
-        via=values["attack_via"],
-        label_smoothing=label_smoothing,
-    )
-    adversarial = values["method"] != "standard"
-    n = values["val_pgd_n"] if values["val_pgd_n"] is not None else (500 if adversarial else 0)
-    if n < 0:
-        raise NenniError(f"--val-pgd-n must be >= 0, got {n}")
-    if values["val_pgd_steps"] < 1:
-        raise NenniError(f"--val-pgd-steps must be >= 1, got {values['val_pgd_steps']}")
-    if not 0 < eps <= 1:
-        raise NenniError(f"--eps must be in (0, 1], got {values['eps']}")
-    validation = {"n": n, "steps": values["val_pgd_steps"], "eps": eps, "via": values["attack_via"]}
-    return method, validation
-
-
-def pgd_validation(validation: dict[str, Any], x, y, config) -> list:
-    """The PGD validator on the first n images of the loop's own held-out split (same seed, same split)."""
-    from ..attacks import PGD
-    from ..training import pgd_validator, split_indices
-
-    if not validation["n"]:
-        return []
-    if config.val_split <= 0:
-        raise NenniError("--val-pgd-n needs a validation split (--val-split > 0)")
-    _, val_idx = split_indices(len(x), config.val_split, config.seed)
-    val_idx = val_idx[: validation["n"]]
-    eps, steps = validation["eps"], validation["steps"]
-    attack = PGD(eps=eps, steps=steps, alpha=max(eps / 4, 2.5 * eps / steps))
-    return [pgd_validator(x[val_idx], y[val_idx], attack, config.eval_batch_size, via=validation["via"])]
+    return MethodConfig(**{name: kwargs.pop(name) for name in METHOD_OPTION_FIELDS})

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import NenniError
-from .options import json_option, write_json_atomic
+from .options import json_option, write_json
 
 
 def dataset_for(loaded, data_name: str | None) -> str:
@@ -65,7 +65,7 @@ def command(model_path, data_name, data_dir, split, count, provider, threads, in
         f"{seconds:.2f} s, {len(ds) / seconds:.0f} images/s)"
     )
     if json_path:
-        write_json_atomic(
+        write_json(
             json_path,
             {
                 "model": str(model_path),

@@ -1,4 +1,4 @@
-"""`nenni train`: train a registered architecture (from scratch or a checkpoint) with the shared training loop."""
+"""`nenni train`: train a model (registered or your own, from scratch or a checkpoint) with the shared loop."""
 
 from __future__ import annotations
 
@@ -10,113 +10,70 @@ import click
 from ..errors import NenniError
 from .options import (
     apply_threads,
-    arch_option,
     data_options,
     json_option,
     method_options,
-    pgd_validation,
+    model_and_data,
+    model_options,
     pop_method,
     pop_train_config,
+    progress_option,
     training_options,
-    write_json_atomic,
+    write_json,
 )
-
-MODEL_FILE = "model.safetensors"
 
 
 @click.command(name="train")
-@arch_option()
-@click.option(
-    "--weights",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Initial weights (.safetensors or a torch file); default: random initialisation by --seed.",
-)
-@data_options(default=None)
+@model_options()
+@data_options()
 @training_options(epochs=30, lr=0.1)
 @method_options()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run directory.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar per epoch.")
+@progress_option()
 @json_option()
-def command(arch, weights, data_name, data_dir, out, progress, json_path, resume, **options):
-    """Train --arch on --data (default: the data set the architecture is built for) and write RUN_DIR.
+def command(data_name, data_dir, image_size, out, progress, json_path, resume, **options):
+    """Train --arch (a registered architecture, or your entry point file.py:FUNCTION) on --data (default: the data
+    set the architecture is built for) and write RUN_DIR.
 
-    RUN_DIR gets last/best checkpoints (resume with --resume), metrics.jsonl, curves.png and model.safetensors
-    (the best weights by validation accuracy, or by PGD accuracy on the validation split for adversarial
-    methods; `--weights` of other commands reads it). Under `torchrun --nproc-per-node N` the run is
-    data-parallel (DistributedDataParallel over gloo, on the CPU), --batch-size being the global batch.
+    RUN_DIR becomes a model directory (config.json, weights.safetensors: the best weights by validation accuracy,
+    or by PGD accuracy on the validation split for adversarial methods) that `calibrate --arch`, `export`, `prune`
+    and `eval` take, with last/best checkpoints (resume with --resume), metrics.jsonl and curves.png beside it.
+    Under `torchrun --nproc-per-node N` the run is data-parallel (DistributedDataParallel over gloo, on the CPU),
+    --batch-size being the global batch.
     """
-    import dataclasses
-
     import torch
 
-    from ..data import load_dataset
-    from ..metrics import accuracy
-    from ..models import create_model, model_info, save_state_dict
-    from ..training import train
-    from ..training.checkpoint import load_model
-    from ..training.methods import method_record
+    from ..app.train import train_model
 
     config = pop_train_config(options)
+    method = pop_method(options)
     apply_threads(config.threads)
     rank = init_distributed()
-    info = model_info(arch)
-    data_name = data_name or info.dataset
     check_writable_dir(out)
-    train_set = load_dataset(data_name, "train", data_dir)
-    test_set = load_dataset(data_name, "test", data_dir)
-    check_data_fits(arch, info, train_set)
     torch.manual_seed(config.seed)  # the initialisation, when there are no --weights
-    model = create_model(arch, weights=weights)
-    method, validation = pop_method(options, model, config.label_smoothing)
-    if validation["n"]:
-        config = dataclasses.replace(config, best_metric="pgd_acc")
-    validators = pgd_validation(validation, train_set.x, train_set.y, config)
-
-    def report(record: dict[str, Any]) -> None:
-        click.echo(epoch_line(record, config.epochs))
-
-    result = train(
+    weights = options.get("weights")
+    model, _, train_set, test_set = model_and_data(options, data_name, data_dir, image_size)
+    run = train_model(
         model,
-        train_set.x,
-        train_set.y,
+        train_set,
+        test_set,
         config,
         out,
         method=method,
-        validators=validators,
         resume=resume,
         progress=progress,
-        on_epoch=report,
+        on_epoch=lambda record: click.echo(epoch_line(record, config.epochs)),
+        weights_label=str(weights) if weights else None,
     )
     if rank != 0:
         return  # rank 0 writes the model and the summary
-    if result.resumed_from is not None:
-        click.echo(f"resumed after epoch {result.resumed_from} from {out}")
-    load_model(result.best_path, model)
-    model_path = save_state_dict(model, out / MODEL_FILE)
-    test_acc = accuracy(model, test_set.x, test_set.y, config.eval_batch_size)
-    summary = {
-        "arch": arch,
-        "data": data_name,
-        "method": method.name,
-        "weights": str(weights) if weights else None,
-        "epochs": result.epoch,
-        "steps": result.step,
-        "test_accuracy": test_acc,
-        "method_settings": method_record(method),
-        "best_metric": config.best_metric,
-        "best_value": result.best_value,
-        "best_val_accuracy": result.best_value if config.best_metric == "val_acc" else None,
-        "best_epoch": result.best_epoch,
-        "seconds_per_epoch": result.seconds_per_epoch,
-        "run_dir": str(out),
-        "model": str(model_path),
-        "config": config.to_dict(),
-        "history": result.history,
-    }
+    if run.result.resumed_from is not None:
+        click.echo(f"resumed after epoch {run.result.resumed_from} from {out}")
+    run.save()
+    summary = run.to_json()
     click.echo(summary_line(summary))
     if json_path:
-        write_json_atomic(json_path, summary)
+        write_json(json_path, summary)
 
 
 def init_distributed() -> int:
@@ -143,15 +100,6 @@ def check_writable_dir(path: Path) -> None:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise NenniError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
-
-
-def check_data_fits(arch: str, info, data) -> None:
-    shape, classes = tuple(data.x.shape[1:]), data.num_classes
-    if shape != tuple(info.input_shape) or classes != info.num_classes:
-        raise NenniError(
-            f"--arch {arch} takes {tuple(info.input_shape)} images in {info.num_classes} classes, "
-            f"but --data {data.name} has {shape} in {classes}"
-        )
 
 
 def _pct(v: float | None) -> str:
@@ -184,5 +132,5 @@ def summary_line(s: dict[str, Any]) -> str:
         f"{s['arch']} on {s['data']} ({s['method']}): {s['epochs']} epochs, best {best} {_pct(s['best_value'])} "
         f"(epoch {s['best_epoch']}), test {_pct(s['test_accuracy'])}"
         + (f", {spe:.1f} s/epoch" if spe is not None else "")
-        + f" -> {s['model']}"
+        + f" -> {s['run_dir']}"
     )

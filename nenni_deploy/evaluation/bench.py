@@ -9,7 +9,6 @@ the machine during the run, and optionally an operator profile split into the NE
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import NenniError
+from ..files import sha256_file
 from ..runtime.loading import LoadedModel, load_onnx_checked
 from ..runtime.runners import PROVIDERS, OrtRunner
 from . import profile as op_profile
@@ -92,7 +92,7 @@ class Subject:
             raise NenniError(
                 f"{path}: nenni bench needs a model with one image input, this one has {len(loaded.inputs)}"
             )
-        return cls(label, path, loaded, _file_sha256(path), _cost(loaded.metadata))
+        return cls(label, path, loaded, sha256_file(path), _cost(loaded.metadata))
 
     @classmethod
     def _load_plan(cls, label: str, path: Path) -> Subject:
@@ -110,7 +110,7 @@ class Subject:
             ) from None
         if len(runner.input_specs()) != 1:
             raise NenniError(f"{path}: nenni bench needs an engine with one image input")
-        return cls(label, path, None, _file_sha256(path), _cost(runner.metadata), plan=runner)
+        return cls(label, path, None, sha256_file(path), _cost(runner.metadata), plan=runner)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -164,14 +164,6 @@ def _cost(metadata: dict[str, str]) -> dict[str, float]:
     except json.JSONDecodeError:
         return {}
     return cost if isinstance(cost, dict) else {}
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- statistics -------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..attacks import PGD, LogitEnsemble, autoattack, feature_objective, features, mi_fgsm, straight_through
 from ..errors import NenniError
+from ..models.stages import stage_outputs
 from ..nenni.layers import nenni_layers
 from .targets import Target, TorchModel
 
@@ -87,12 +88,9 @@ def parse_attacks(text: str | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
-def default_cs_layers(module: nn.Module) -> list[str]:
-    """Each residual stage's output (ResNets name them layer1, layer2, ...), else each NENNI layer, else each
-    top-level convolution after the first (the first is too close to the pixels to be an intermediate layer)."""
-    stages = [name for name, _ in module.named_children() if name.startswith("layer")]
-    convs = [name for name, m in module.named_children() if isinstance(m, nn.Conv2d)][1:]
-    return stages or list(nenni_layers(module)) or convs
+def default_cs_layers(module: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Each stage's output (the last feature map at each resolution, found by running the model once)."""
+    return stage_outputs(module, input_shape)
 
 
 def every_layer(module: nn.Module) -> list[str]:
@@ -114,7 +112,11 @@ def _pgd_craft(model: TorchModel, make: Callable[[float], PGD], via: str | None 
 
 
 def plan(
-    target: Target, attacks: list[str] | None, settings: Settings, surrogates: list[TorchModel]
+    target: Target,
+    attacks: list[str] | None,
+    settings: Settings,
+    surrogates: list[TorchModel],
+    input_shape: tuple[int, ...] | None = None,
 ) -> tuple[list[Row], dict[str, str]]:
     """The rows to run and, for every requested attack that does not apply, why."""
     explicit = attacks is not None
@@ -164,7 +166,7 @@ def plan(
             cfg = _config(settings.pgd(1.0, eot=settings.eot), attack="eot", gradient="true")
             rows.append(Row(f"eot-{settings.eot}", "adaptive", cfg, _pgd_craft(src, make), True))
         elif attack == "pgd-cs":
-            layers = settings.cs_layers or default_cs_layers(src.module)
+            layers = settings.cs_layers or (default_cs_layers(src.module, input_shape) if input_shape else [])
             if layers == ["all"]:
                 layers = every_layer(src.module)
             if not layers:

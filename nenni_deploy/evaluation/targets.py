@@ -109,40 +109,46 @@ def torch_logits(module: nn.Module, x: torch.Tensor, batch_size: int = 256) -> n
 
 
 def _file_sha(path: Path) -> str:
-    from ..nenni.io import sha256_file
+    from ..files import sha256_file
 
     return sha256_file(path)
 
 
 def load_torch_model(spec: str | os.PathLike, *, weights: Path | None = None, dense: bool = False) -> TorchModel:
-    """A NENNI model directory (as `nenni calibrate` / `finetune` write it; `dense` = its base model), or a
-    registered architecture name with `weights`."""
+    """A model directory (dense, pruned or NENNI; `dense`: the dense model it was made from), or a registered
+    architecture or entry point (`file.py:fn`) with `weights`."""
+    from ..nenni.model import load_model, open_model_dir
+
     path = Path(spec)
     if path.is_dir():
-        from ..nenni.io import load_nenni_model
-
         if weights is not None:
             raise NenniError(f"--weights is for an architecture name; {path} is a model directory with its own")
-        module, card = load_nenni_model(path)
-        identity = _sha("nenni-dir", card["weights_sha256"], card.get("projection_sha256", ""))
-        model = TorchModel(module, str(path), identity, card["arch"])
-        return model.dense_copy() if dense else model
-    from ..models import create_model, list_models
+        model = open_model_dir(path)
+        card = model.card
+        identity = _sha("model-dir", card["weights_sha256"], card.get("projection_sha256") or "")
+        if dense and model.kind != "dense":
+            base = model.base()
+            label = f"{path} (dense base)"
+            return TorchModel(base.module.eval(), label, _sha(identity, "dense", base.sha256 or ""), model.source.label)
+        return TorchModel(model.module, str(path), identity, model.source.label)
+    from ..models import list_models
+    from ..models.entrypoint import looks_like_entrypoint
 
     name = str(spec)
-    if name not in list_models():
+    if name not in list_models() and not looks_like_entrypoint(name):
         if path.exists():
             raise NenniError(f"{path} is neither a model directory nor an .onnx file")
         raise NenniError(
-            f"{name!r} is not a model directory, an .onnx file or a registered architecture "
-            f"(known: {', '.join(list_models())})"
+            f"{name!r} is not a model directory, an .onnx file, a registered architecture "
+            f"(known: {', '.join(list_models())}) or an entry point file.py:FUNCTION"
         )
     if weights is None:
         raise NenniError(f"{name} needs --weights: evaluating an untrained network says nothing")
     if not Path(weights).is_file():
         raise NenniError(f"--weights {weights}: no such file")
-    module = create_model(name, weights=weights)
-    return TorchModel(module, f"{name} ({Path(weights).name})", _sha("registry", name, _file_sha(Path(weights))), name)
+    model = load_model(name, weights=weights)
+    identity = _sha("registry", name, _file_sha(Path(weights)))
+    return TorchModel(model.module, f"{model.source.label} ({Path(weights).name})", identity, name)
 
 
 def looks_like_onnx(spec: str | os.PathLike) -> bool:
@@ -163,11 +169,7 @@ def load_target(
     if source is not None:
         raise NenniError("--source is only for an ONNX target (the model directory it was exported from)")
     model = load_torch_model(spec, weights=weights, dense=dense)
-    dataset = None
-    if model.arch:
-        from ..models import model_info
-
-        dataset = model_info(model.arch).dataset
+    dataset = _recorded_dataset(Path(spec), model.arch)
     kind = "nenni" if model.nenni else "dense"
     return Target(model.label, kind, model.identity, dataset, model)
 
@@ -186,11 +188,7 @@ def _onnx_target(path: Path, source: Path | None, weights: Path | None) -> Targe
             raise NenniError(f"--source {source} must be the model directory {path.name} was exported from")
         src = load_torch_model(source, dense=exported_dense)
         _check_source(path, meta, Path(source))
-    dataset = meta.get("nenni.dataset") or None
-    if not dataset and meta.get("nenni.arch"):
-        from ..models import model_info
-
-        dataset = model_info(meta["nenni.arch"]).dataset
+    dataset = meta.get("nenni.dataset") or _recorded_dataset(None, meta.get("nenni.arch"))
     identity = _sha("onnx", _file_sha(path), src.identity if src else "")
     return Target(str(path), "onnx", identity, dataset, src, onnx=loaded, onnx_randomised=loaded.noise_nodes > 0)
 
@@ -253,3 +251,16 @@ def describe(target: Target) -> dict:
         },
         "nenni_config": (json.loads(target.onnx.metadata.get("nenni.config", "{}")) if target.onnx else None),
     }
+
+
+def _recorded_dataset(model_dir: Path | None, arch: str | None) -> str | None:
+    """The data set a model directory records, else the one a registered architecture is built for."""
+    if model_dir is not None and model_dir.is_dir():
+        from ..nenni.io import data_spec, read_card
+
+        spec = data_spec(read_card(model_dir))
+        if spec is not None:
+            return spec.name
+    from ..models import list_models, model_info
+
+    return model_info(arch).dataset if arch in list_models() else None

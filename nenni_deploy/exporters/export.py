@@ -24,7 +24,7 @@ import onnx_ir.passes.common as ir_passes
 import torch
 from torch import nn
 
-from ..errors import NenniError
+from ..errors import NenniError, first_line
 from ..nenni.cost import cost_report
 from ..nenni.layers import NenniLayer, ScaledConv2d, ScaledLinear, nenni_layers
 from . import graph, ops, tensorrt_check, tune
@@ -178,8 +178,7 @@ def trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int) -
     except NenniError:
         raise
     except Exception as exc:  # the exporter raises many kinds; one line names the failing stage
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NenniError(f"torch.onnx.export failed: {first}") from exc
+        raise NenniError(f"torch.onnx.export failed: {first_line(exc)}") from exc
     return program.model
 
 

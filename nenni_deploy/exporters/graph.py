@@ -15,8 +15,8 @@ import torch
 from onnx import ModelProto, NodeProto, helper, numpy_helper
 
 from .. import __version__
-from ..errors import NenniError
-from ..files import staging_dir
+from ..errors import NenniError, first_line
+from ..files import current_umask, staging_dir
 from . import ops
 
 FORMAT = "nenni-onnx"
@@ -203,7 +203,9 @@ def initializer_sha256(proto: ModelProto) -> str:
 
 
 def metadata_for(card: dict[str, Any], options, proto: ModelProto) -> dict[str, str]:
-    cfg = card.get("nenni", {})
+    cfg = card.get("nenni") or {}
+    data = card.get("data") or {}
+    model = card.get("model") or {}
     noisy = bool(nenni_nodes(proto, (ops.NOISE,)))
     layers = [] if options.dense else card.get("layers", [])
     return {
@@ -213,14 +215,18 @@ def metadata_for(card: dict[str, Any], options, proto: ModelProto) -> dict[str, 
         "nenni.domain_version": str(ops.DOMAIN_VERSION),
         "nenni.target": options.target,
         "nenni.dense": json.dumps(bool(options.dense)),
+        "nenni.kind": "dense" if options.dense else str(card.get("kind", "dense")),
         "nenni.arch": str(card.get("arch", "")),
-        "nenni.dataset": str(card.get("metrics", {}).get("data", "")),
+        "nenni.dataset": str(data.get("name") or card.get("metrics", {}).get("data") or ""),
+        "nenni.data": json.dumps(data, sort_keys=True),
+        "nenni.model": json.dumps(model, sort_keys=True),
         "nenni.config": json.dumps(cfg, sort_keys=True),
         "nenni.layers": json.dumps(layers, sort_keys=True),
         "nenni.noise": "gaussian" if noisy else "none",
         "nenni.noise_seed": "" if options.noise_seed is None or not noisy else str(options.noise_seed),
-        "nenni.weights_sha256": str(card.get("weights_sha256", "")),
-        "nenni.projection_sha256": str(card.get("projection_sha256", "")),
+        "nenni.weights_sha256": str(card.get("weights_sha256") or ""),
+        "nenni.base_weights_sha256": str(card.get("base_weights_sha256") or ""),
+        "nenni.projection_sha256": str(card.get("projection_sha256") or ""),
         "nenni.onnx_weights_sha256": initializer_sha256(proto),
         "nenni.input": INPUT_DOC.split(":")[0],
         "nenni.output": OUTPUT_DOC.split(":")[0],
@@ -247,8 +253,7 @@ def check(proto: ModelProto) -> None:
         onnx.checker.check_model(proto, full_check=True)
         onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise NenniError(f"the exported model fails the ONNX checker: {first}") from None
+        raise NenniError(f"the exported model fails the ONNX checker: {first_line(exc)}") from None
     dead = dead_nodes(proto)
     if dead:
         raise NenniError(f"the exported model has {len(dead)} dead nodes, e.g. {dead[0]}")
@@ -276,13 +281,6 @@ def node_counts(proto: ModelProto) -> dict[str, Any]:
 
 
 # -- saving -----------------------------------------------------------------------------------------------------
-def _default_permissions(path: Path) -> None:
-    """Temporary files are private; the finished model gets the usual permissions (0666 minus the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def data_file_name(out: Path) -> str:
     return out.name + ".data"
 
@@ -318,8 +316,8 @@ def save_model_atomic(proto: ModelProto, out: str | os.PathLike, *, external_dat
             onnx.save_model(proto, str(tmp / out.name))
         os.replace(tmp / out.name, out)
         written.insert(0, out)
-        for path in written:
-            _default_permissions(path)
+        for path in written:  # staged files are private; the finished model gets the usual permissions
+            path.chmod(0o666 & ~current_umask())
         return written
     except OSError as exc:
         raise NenniError(f"cannot write {out}: {exc.strerror or exc}") from None

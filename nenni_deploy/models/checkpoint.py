@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from nenni_deploy.errors import NenniError
+from nenni_deploy.errors import NenniError, first_line
+from nenni_deploy.files import atomic_output
 
 # Wrappers that training scripts put around the state dict, tried in this order at every level.
 _WRAPPER_KEYS = ("state_dict", "model")
@@ -47,16 +47,8 @@ def save_state_dict(model_or_dict: nn.Module | Mapping[str, torch.Tensor], path:
     state = model_or_dict.state_dict() if isinstance(model_or_dict, nn.Module) else model_or_dict
     tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder, so os.replace is an atomic rename. Written from Python rather than by save_file, which
-    # creates files readable by their owner only.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with atomic_output(path) as tmp:
         tmp.write_bytes(safetensors.torch.save(tensors))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -67,7 +59,7 @@ def _read(path: Path) -> Any:
         try:
             return safetensors.torch.load_file(path, device="cpu")
         except (safetensors.SafetensorError, OSError, ValueError) as exc:
-            raise NenniError(f"cannot read safetensors checkpoint {path}: {_first_line(exc)}") from exc
+            raise NenniError(f"cannot read safetensors checkpoint {path}: {first_line(exc)}") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
@@ -84,7 +76,7 @@ def _describe_torch_load_error(path: Path, exc: BaseException) -> str:
         )
     # torch wraps the real cause in several lines of advice; keep only the cause.
     cause = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    detail = cause.group(1) if cause else _first_line(exc)
+    detail = cause.group(1) if cause else first_line(exc)
     return f"cannot read checkpoint {path} (corrupt or not a torch file): {detail}"
 
 
@@ -131,8 +123,3 @@ def _summarise(items: Iterable[str]) -> str:
     shown = ", ".join(items[:_SHOWN_KEYS])
     more = len(items) - _SHOWN_KEYS
     return f"[{shown}]" + (f" (+{more} more)" if more > 0 else "")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

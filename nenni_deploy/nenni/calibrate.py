@@ -10,7 +10,7 @@ from torch import nn
 
 from ..metrics import accuracy
 from .config import LayerSpec, NenniConfig
-from .convert import convert
+from .convert import apply_plan, conversion_plan
 from .cost import cost_report
 from .fit import LayerFit, fit
 from .layers import set_mode
@@ -20,6 +20,7 @@ from .layers import set_mode
 class Calibration:
     model: nn.Module
     specs: list[LayerSpec]
+    dense_layers: list[dict[str, str]]  # the layers left dense, and why
     fits: list[LayerFit]
     dense_accuracy: float
     nenni_accuracy: float
@@ -49,9 +50,11 @@ def calibrate(
 ) -> Calibration:
     """Dense accuracy, conversion, layer-by-layer fitting, NENNI accuracy and cost, on the given tensors."""
     model.eval()
-    specs = convert(model, config)  # first: a setting that cannot apply fails before any long evaluation
-    set_mode(model, "exact")  # the folded base model, identical to the dense one
+    plan = conversion_plan(model, config)  # first: a setting that cannot apply fails before any long evaluation
+    # The model as given (before batch norm is folded): the accuracy its owner measures.
     dense_acc = accuracy(model, test_x, test_y, batch_size, "dense accuracy" if progress else None)
+    specs = apply_plan(model, plan)
+    set_mode(model, "exact")
     batches = calibration_batches(calib_x, calib_n, batch_size, config.seed)
     start = time.perf_counter()
     fits = fit(model, batches, ridge=config.ridge, progress=progress)
@@ -59,4 +62,4 @@ def calibrate(
     set_mode(model, "nenni")
     nenni_acc = accuracy(model, test_x, test_y, batch_size, "NENNI accuracy" if progress else None)
     cost = cost_report(model, tuple(test_x.shape[1:]))
-    return Calibration(model, specs, fits, dense_acc, nenni_acc, fit_seconds, cost)
+    return Calibration(model, specs, plan.dense, fits, dense_acc, nenni_acc, fit_seconds, cost)

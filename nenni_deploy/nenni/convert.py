@@ -1,17 +1,20 @@
 """Model surgery: fold batch norm, find the eligible layers, and swap them for NENNI layers in place.
 
-`convert(model, config, input_shape)` returns the per-layer specs it applied, so that the same structure can be
-rebuilt from JSON with `apply_specs` before loading saved weights.
+`conversion_plan(model, config)` decides, from the traced graph, which layers become NENNI layers (with a spec
+each) and which stay dense and why; `convert(model, config)` carries the plan out and returns the specs, so that
+the same structure can be rebuilt from JSON with `apply_specs` before loading saved weights. Any architecture
+that torch.fx traces and that is built from standard layers converts: grouped and depthwise convolutions, string
+padding and widths that an N:M pattern does not divide stay dense with a note.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NenniError, UnsupportedLayerError
@@ -19,8 +22,21 @@ from .config import LayerSpec, NenniConfig, resolve_proj_dim
 from .layers import NenniLayer, ScaledConv2d, ScaledLinear
 from .projection import layer_seed
 
-_ADDS = {operator.add, operator.iadd, torch.add}
-_PASS_THROUGH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Identity)
+# Activations that clip (or nearly clip) negative inputs: a layer feeding one ranks its neurons by signed value.
+_RECTIFIER_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.ELU, nn.CELU, nn.Softplus,
+    nn.Hardtanh,
+)  # fmt: skip
+_RECTIFIER_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.mish, F.elu, F.celu, F.softplus, F.hardtanh,
+    torch.relu, torch.nn.functional.relu_,
+}  # fmt: skip
+_RECTIFIER_METHODS = {"relu", "relu_"}
+# Ops between a layer and its activation that keep the sign of each neuron (a batch norm right after a layer is
+# folded into it, so its sign is the layer's own).
+_PASS_THROUGH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d)
+_PASS_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.dropout, torch.flatten}
+_PASS_METHODS = {"flatten", "view", "reshape", "contiguous"}
 
 
 @dataclass
@@ -28,7 +44,15 @@ class LayerInfo:
     name: str
     module: nn.Module
     order: int
-    feeds_add: bool  # output reaches a residual addition before any nonlinearity
+    rectified: bool  # the output reaches a rectifying activation through sign-preserving ops only
+
+
+@dataclass
+class ConversionPlan:
+    """Which layers become NENNI layers (their specs) and which stay dense, with the reason for each."""
+
+    specs: list[LayerSpec]
+    dense: list[dict[str, str]] = field(default_factory=list)  # {"name": ..., "reason": ...}
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
@@ -103,65 +127,85 @@ def analyse(model: nn.Module) -> list[LayerInfo]:
         mod = gm.get_submodule(node.target)
         if not isinstance(mod, (nn.Conv2d, nn.Linear, NenniLayer)):
             continue
-        infos.append(LayerInfo(node.target, mod, len(infos), _feeds_add(gm, node)))
+        infos.append(LayerInfo(node.target, mod, len(infos), _rectified(gm, node)))
     return infos
 
 
-def _feeds_add(gm: fx.GraphModule, node: fx.Node) -> bool:
-    while True:
-        if len(node.users) != 1:
-            return False
+def _is(gm: fx.GraphModule, node: fx.Node, modules: tuple, functions: set, methods: set) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), modules)
+    if node.op == "call_function":
+        return node.target in functions
+    return node.op == "call_method" and node.target in methods
+
+
+def _rectified(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether large negative outputs are clipped anyway: a residual addition, a concatenation, a normalisation
+    with its own sign or anything unknown before the activation means they matter (rank by magnitude)."""
+    while len(node.users) == 1:
         (user,) = node.users
-        if user.op == "call_function" and user.target in _ADDS:
+        if _is(gm, user, _RECTIFIER_MODULES, _RECTIFIER_FUNCTIONS, _RECTIFIER_METHODS):
             return True
-        if user.op == "call_module" and isinstance(gm.get_submodule(user.target), _PASS_THROUGH):
-            node = user
-            continue
-        return False
+        if not _is(gm, user, _PASS_THROUGH, _PASS_FUNCTIONS, _PASS_METHODS):
+            return False
+        node = user
+    return False
 
 
-def eligible(infos: list[LayerInfo], config: NenniConfig) -> list[LayerInfo]:
-    """Default: every conv and linear but the first conv and the classifier (the last layer); or by pattern."""
+def eligible(infos: list[LayerInfo], config: NenniConfig) -> tuple[list[LayerInfo], list[dict[str, str]]]:
+    """Default: every conv and linear but the first conv and the classifier (the last layer); or by pattern.
+    Returns the chosen layers and, for every other one, why it stays dense."""
+    dense: dict[str, str] = {}
     if config.include is None:
         first_conv = next((i.name for i in infos if isinstance(i.module, nn.Conv2d)), None)
         last = infos[-1].name if infos else None
-        chosen = [i for i in infos if i.name not in (first_conv, last)]
+        if first_conv is not None:
+            dense[first_conv] = "first convolution (next to the pixels; dense by default)"
+        if last is not None:
+            dense[last] = "classifier (dense by default)"
+        chosen = [i for i in infos if i.name not in dense]
     else:
         chosen = [i for i in infos if any(fnmatch.fnmatchcase(i.name, p) for p in config.include)]
         if not chosen:
             names = ", ".join(i.name for i in infos[:8])
             raise NenniError(f"no layer matches --include {config.include}; layers are: {names}, ...")
-    return [i for i in chosen if not any(fnmatch.fnmatchcase(i.name, p) for p in config.exclude)]
+        dense.update({i.name: "not matched by --include" for i in infos if i not in chosen})
+    kept = []
+    for i in chosen:
+        if any(fnmatch.fnmatchcase(i.name, p) for p in config.exclude):
+            dense[i.name] = "matched by --exclude"
+        else:
+            kept.append(i)
+    return kept, [{"name": i.name, "reason": dense[i.name]} for i in infos if i.name in dense]
 
 
-def _check_supported(info: LayerInfo) -> None:
+def _check_supported(info: LayerInfo, config: NenniConfig) -> None:
     mod = info.module
     if isinstance(mod, nn.Conv2d):
         if mod.groups != 1:
-            raise UnsupportedLayerError(
-                f"layer {info.name}: grouped convolution (groups={mod.groups}) is not supported"
-            )
+            kind = "depthwise" if mod.groups == mod.in_channels else "grouped"
+            raise UnsupportedLayerError(f"{kind} convolution (groups={mod.groups}) stays dense")
         if mod.padding_mode != "zeros":
-            raise UnsupportedLayerError(f"layer {info.name}: padding_mode {mod.padding_mode!r} is not supported")
+            raise UnsupportedLayerError(f"padding_mode {mod.padding_mode!r} stays dense")
         if isinstance(mod.padding, str):
-            raise UnsupportedLayerError(f"layer {info.name}: string padding {mod.padding!r} is not supported")
+            raise UnsupportedLayerError(f"string padding {mod.padding!r} stays dense")
     elif not isinstance(mod, nn.Linear):
-        raise UnsupportedLayerError(f"layer {info.name}: {type(mod).__name__} is not a conv or linear layer")
+        raise UnsupportedLayerError(f"{type(mod).__name__} is not a conv or linear layer")
+    n = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
+    if config.granularity == "nm" and n % config.nm[1]:
+        raise UnsupportedLayerError(f"{n} output channels are not a multiple of M={config.nm[1]} for N:M")
 
 
 def make_spec(info: LayerInfo, config: NenniConfig) -> LayerSpec:
-    _check_supported(info)
+    """The layer's spec; raises UnsupportedLayerError (with the reason) for a layer that must stay dense."""
+    _check_supported(info, config)
     mod = info.module
     is_conv = isinstance(mod, nn.Conv2d)
     n = mod.out_channels if is_conv else mod.out_features
     d = int(mod.weight[0].numel())
     granularity = config.granularity
     nm = config.nm if granularity == "nm" else None
-    if nm and n % nm[1]:
-        raise NenniError(
-            f"layer {info.name}: {n} output channels are not a multiple of M={nm[1]} for N:M {nm[0]}:{nm[1]}"
-        )
-    rank = config.rank if config.rank != "auto" else ("magnitude" if info.feeds_add else "signed")
+    rank = config.rank if config.rank != "auto" else ("signed" if info.rectified else "magnitude")
     return LayerSpec(
         name=info.name,
         kind="conv" if is_conv else "linear",
@@ -192,12 +236,31 @@ def apply_specs(model: nn.Module, specs: list[LayerSpec]) -> nn.Module:
     return model
 
 
-def convert(model: nn.Module, config: NenniConfig) -> list[LayerSpec]:
-    """Fold batch norm and wrap every eligible layer; the approximators are zero until `fit` runs."""
+def conversion_plan(model: nn.Module, config: NenniConfig) -> ConversionPlan:
+    """Which layers convert (their specs) and which stay dense and why; the model is not changed."""
     model.eval()
-    infos = analyse(model)  # before folding: batch norms still show where residual adds are
-    chosen = eligible(infos, config)
-    specs = [make_spec(i, config) for i in chosen]
+    infos = analyse(model)  # before folding: batch norms still show where the activations are
+    chosen, dense = eligible(infos, config)
+    specs = []
+    for info in chosen:
+        try:
+            specs.append(make_spec(info, config))
+        except UnsupportedLayerError as exc:
+            dense.append({"name": info.name, "reason": str(exc)})
+    if not specs:
+        reasons = "; ".join(f"{d['name']}: {d['reason']}" for d in dense[:6])
+        raise NenniError(f"no layer of this model can be converted to NENNI ({reasons or 'no conv or linear layer'})")
+    order = {i.name: i.order for i in infos}
+    dense.sort(key=lambda d: order[d["name"]])
+    return ConversionPlan(specs, dense)
+
+
+def apply_plan(model: nn.Module, plan: ConversionPlan) -> list[LayerSpec]:
+    """Fold batch norm and wrap the planned layers (in place); the approximators are zero until `fit` runs."""
     fold_batchnorm(model)
-    apply_specs(model, specs)
-    return specs
+    apply_specs(model, plan.specs)
+    return plan.specs
+
+
+def convert(model: nn.Module, config: NenniConfig) -> list[LayerSpec]:
+    return apply_plan(model, conversion_plan(model, config))

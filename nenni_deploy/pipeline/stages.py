@@ -60,9 +60,11 @@ def _threads(cfg: PipelineConfig) -> list[str]:
     return ["--threads", str(cfg.threads)] if cfg.threads else []
 
 
-def dense_weights(cfg: PipelineConfig, lay: Layout) -> Path:
-    """The trained model when there is a [train] table, else the imported checkpoint."""
-    return lay.dense_dir / "model.safetensors" if cfg.enabled("train") else cfg.weights
+def dense_model(cfg: PipelineConfig, lay: Layout) -> list[str]:
+    """The trained model directory when there is a [train] table, else the architecture and imported checkpoint."""
+    if cfg.enabled("train"):
+        return ["--arch", str(lay.dense_dir)]
+    return ["--arch", cfg.arch, "--weights", str(cfg.weights)]
 
 
 def nenni_dir(cfg: PipelineConfig, lay: Layout) -> Path:
@@ -79,7 +81,7 @@ def _train(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
 
 def _calibrate(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
     return [
-        ["calibrate", "--arch", cfg.arch, "--weights", str(dense_weights(cfg, lay)), *_data(cfg),
+        ["calibrate", *dense_model(cfg, lay), *_data(cfg),
          "--out", str(lay.calibrated_dir), "--json", str(lay.calibrate_json), *_threads(cfg), *cfg.options("calibrate")]
     ]  # fmt: skip
 
@@ -93,14 +95,14 @@ def _finetune(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
 
 def _export(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
     table = cfg.tables.get("export") or {}
-    # The dense baseline comes from the calibrated folder: its base weights are the dense model's, while
-    # fine-tuning moves them to serve the masked network. It shares the NENNI export's target and opset only.
+    # The dense baseline is the model NENNI was made from (kept in its directory, whatever fine-tuning did to the
+    # base weights). It shares the NENNI export's target and opset only.
     shared = [a for k in ("target", "opset") if k in table for a in (f"--{k}", str(table[k]))]
     data_dir = ["--data-dir", str(cfg.data_dir)] if cfg.data_dir else []
     return [
         ["export", str(nenni_dir(cfg, lay)), "--out", str(lay.nenni_onnx), "--json", str(lay.export_nenni_json),
          *data_dir, *_threads(cfg), *cfg.options("export")],
-        ["export", str(lay.calibrated_dir), "--dense", "--out", str(lay.dense_onnx),
+        ["export", str(nenni_dir(cfg, lay)), "--dense", "--out", str(lay.dense_onnx),
          "--json", str(lay.export_dense_json), *data_dir, *_threads(cfg), *shared],
     ]  # fmt: skip
 
@@ -126,7 +128,7 @@ def _eval(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
     return [
         ["eval", str(lay.nenni_onnx), "--source", str(nenni_dir(cfg, lay)), "--json", str(lay.eval_nenni_json),
          "--plot", str(lay.eval_nenni_png), *common],
-        ["eval", str(lay.dense_onnx), "--source", str(lay.calibrated_dir), "--json", str(lay.eval_dense_json),
+        ["eval", str(lay.dense_onnx), "--source", str(nenni_dir(cfg, lay)), "--json", str(lay.eval_dense_json),
          "--plot", str(lay.eval_dense_png), *common],
     ]  # fmt: skip
 
@@ -144,7 +146,7 @@ class Stage:
 
 
 STAGES = (
-    Stage("train", _train, lambda lay: [lay.train_json, lay.dense_dir / "model.safetensors"], table="train"),
+    Stage("train", _train, lambda lay: [lay.train_json, lay.dense_dir / "config.json"], table="train"),
     Stage("calibrate", _calibrate, lambda lay: [lay.calibrate_json, lay.calibrated_dir / "config.json"]),
     Stage("finetune", _finetune, lambda lay: [lay.finetune_json, lay.finetuned_dir / "config.json"], table="finetune"),
     Stage("export", _export, lambda lay: [lay.nenni_onnx, lay.dense_onnx, lay.export_nenni_json]),

@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from onnx import ModelProto, TensorProto, helper
 from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
 
-from ..errors import NenniError
+from ..errors import NenniError, first_line
 from ..exporters import ops
 
 _MAX_BYTES = 2**31 - 1  # protobuf's limit for one message
@@ -86,7 +86,7 @@ def check_proto(proto: ModelProto, *, path: Path | None = None, require_function
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
-        raise NenniError(f"{where} fails the ONNX checker (corrupt, truncated or invalid): {_first(exc)}") from None
+        raise NenniError(f"{where} fails the ONNX checker (corrupt, truncated or invalid): {first_line(exc)}") from None
     inputs = _graph_inputs(proto)
     if not inputs:
         raise NenniError(f"{where} has no graph input")
@@ -99,11 +99,6 @@ def check_proto(proto: ModelProto, *, path: Path | None = None, require_function
         nenni_nodes=counts[0],
         noise_nodes=counts[1],
     )
-
-
-def _first(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _read(path: Path) -> ModelProto:
@@ -119,7 +114,7 @@ def _read(path: Path) -> ModelProto:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
-        raise NenniError(f"{path} is not a valid ONNX model (corrupt or truncated): {_first(exc)}") from None
+        raise NenniError(f"{path} is not a valid ONNX model (corrupt or truncated): {first_line(exc)}") from None
     except OSError as exc:
         raise NenniError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if not proto.HasField("graph"):

@@ -17,7 +17,7 @@ import torch
 from onnx import ModelProto, TensorProto
 from torch import nn
 
-from ..errors import NenniError
+from ..errors import NenniError, first_line
 from .loading import InputSpec, LoadedModel, check_proto
 from .providers import GpuSettings, prepare_cache_dir, provider_list
 
@@ -190,8 +190,7 @@ class OrtRunner(Runner):
                 providers=provider_list(providers, self.gpu),
             )
         except Exception as exc:  # ORT raises its own exception types from C++
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise NenniError(f"ONNX Runtime cannot load {where}: {text}") from None
+            raise NenniError(f"ONNX Runtime cannot load {where}: {first_line(exc)}") from None
         used = self.session.get_providers()
         if used and used[0] != providers[0]:
             self._warn(f"ONNX Runtime fell back from {providers[0]} to {used[0]} for {where}")
@@ -204,8 +203,7 @@ class OrtRunner(Runner):
         try:
             values = self.session.run(names, feeds)
         except Exception as exc:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise NenniError(f"ONNX Runtime failed: {text}") from None
+            raise NenniError(f"ONNX Runtime failed: {first_line(exc)}") from None
         return dict(zip(names, values, strict=True))
 
 

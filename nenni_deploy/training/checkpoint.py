@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import NenniError
+from ..files import atomic_output
 
 LAST = "last.safetensors"
 LAST_OPTIM = "last.optim.safetensors"
@@ -34,25 +34,9 @@ CURVES = "curves.png"
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp)` for a fresh temporary path beside `path`, then rename it over `path`.
-
-    The writer creates the file itself (not mkstemp), so it gets the usual umask permissions, not 0600.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NenniError(f"cannot write {path}: {exc.strerror or exc}") from None
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    """Run `write(tmp)` for a temporary path beside `path`, then rename it over `path` (files.atomic_output)."""
+    with atomic_output(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise NenniError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -21,7 +21,7 @@ RESUMABLE_CHANGES = frozenset({"epochs", "threads", "eval_every"})
 class TrainConfig:
     """One training run. `augment='auto'` is crop 32 + pad 4 + flip for 32x32 images, a 1-pixel shift otherwise."""
 
-    epochs: int = 30
+    epochs: int | None = 30  # None: chosen from the data set's size by the stage that trains (finetune)
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9
@@ -48,7 +48,10 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        _check(isinstance(self.epochs, int) and self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        _check(
+            self.epochs is None or (isinstance(self.epochs, int) and self.epochs >= 1),
+            f"--epochs must be >= 1, got {self.epochs}",
+        )
         _check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         _check(_finite(self.lr) and self.lr > 0, f"--lr must be > 0, got {self.lr}")
         _check(_finite(self.momentum) and 0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}")
@@ -59,7 +62,7 @@ class TrainConfig:
         )
         _check(self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         _check(
-            _finite(self.warmup_epochs) and 0 <= self.warmup_epochs < self.epochs,
+            _finite(self.warmup_epochs) and 0 <= self.warmup_epochs < (self.epochs or math.inf),
             f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}",
         )
         _check(self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")

@@ -131,6 +131,8 @@ def train(
     The model is left with the weights of the last epoch; load `result.best_path` for the best ones.
     `curves=False` skips drawing curves.png (it costs about as much as a tiny test run).
     """
+    if config.epochs is None:
+        raise NenniError("the number of epochs is not set (TrainConfig.epochs is None)")
     method = method or Standard(label_smoothing=config.label_smoothing)
     check_model = getattr(method, "check_model", None)
     if callable(check_model):

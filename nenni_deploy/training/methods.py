@@ -17,6 +17,7 @@ from torch import nn
 
 from ..attacks import PGD, Objective, ce_objective, feature_objective, features, straight_through
 from ..errors import NenniError
+from ..models.stages import block_outputs
 from ..nenni.layers import nenni_layers
 
 
@@ -79,20 +80,15 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def default_slim_layers(model: nn.Module) -> list[str]:
-    """Residual blocks (modules whose class name ends in 'Block'); without any, every conv but the first."""
-    named = list(model.named_modules())
-    blocks = [n for n, m in named if n and type(m).__name__.endswith("Block")]
-    if blocks:
-        return blocks
-    convs = [n for n, m in named if isinstance(m, nn.Conv2d)]
-    return convs[1:] or convs
-
-
-def resolve_slim_layers(model: nn.Module, patterns: tuple[str, ...] | list[str]) -> list[str]:
-    """Module names matching any of the fnmatch patterns ('auto' for the default set), in model order."""
+def resolve_slim_layers(
+    model: nn.Module, patterns: tuple[str, ...] | list[str], input_shape: tuple[int, ...] | None = None
+) -> list[str]:
+    """Module names matching any of the fnmatch patterns, in model order; 'auto': the blocks the model's stages are
+    built of (residual blocks), found by running it once on `input_shape` images."""
     if list(patterns) == ["auto"]:
-        names = default_slim_layers(model)
+        if input_shape is None:
+            raise NenniError("SLIM's automatic layers need the input shape")
+        names = block_outputs(model, input_shape)
     else:
         modules = [n for n, _ in model.named_modules() if n]
         names = [n for n in modules if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
@@ -258,3 +254,76 @@ def make_method(
     alpha = eps / 4 if alpha is None else alpha
     steps = 10 if steps is None else steps
     return Adversarial(name, eps, steps, alpha, beta, slim_layers=tuple(slim_layers), via=via)
+
+
+@dataclass
+class MethodConfig:
+    """The training method as a user chooses it (one field per `--method`-group option), checked on creation;
+    `build` makes the Method for a model, `validators` the PGD validation that picks the best epoch."""
+
+    method: str = "standard"
+    eps: float | str = 8 / 255
+    attack_steps: int | None = None
+    attack_alpha: float | str | None = None
+    beta: float = 6.0
+    slim: bool = False
+    slim_layers: str = "auto"  # comma-separated names or patterns; auto: the model's residual blocks
+    attack_via: str = "nenni"
+    val_pgd_n: int | None = None  # None: 500 for adversarial methods, 0 for standard
+    val_pgd_steps: int = 10
+
+    def __post_init__(self) -> None:
+        from ..attacks.budget import parse_eps
+
+        if self.method not in METHODS:
+            raise NenniError(f"unknown method {self.method!r}; choose {', '.join(METHODS)}")
+        if self.attack_via not in VIAS:
+            raise NenniError(f"--attack-via must be one of {', '.join(VIAS)}, got {self.attack_via!r}")
+        self.eps = parse_eps(self.eps, "linf", "--eps")
+        if self.attack_alpha is not None:
+            self.attack_alpha = parse_eps(self.attack_alpha, "linf", "--attack-alpha")
+        if self.val_pgd_n is not None and self.val_pgd_n < 0:
+            raise NenniError(f"--val-pgd-n must be >= 0, got {self.val_pgd_n}")
+        if self.val_pgd_steps < 1:
+            raise NenniError(f"--val-pgd-steps must be >= 1, got {self.val_pgd_steps}")
+
+    @property
+    def validation_images(self) -> int:
+        if self.val_pgd_n is not None:
+            return self.val_pgd_n
+        return 500 if self.method != "standard" else 0
+
+    def build(self, model: nn.Module, input_shape: tuple[int, ...], label_smoothing: float = 0.0) -> Method:
+        slim_layers: list[str] = []
+        if self.slim:
+            patterns = [p.strip() for p in self.slim_layers.split(",") if p.strip()]
+            slim_layers = resolve_slim_layers(model, patterns or ["auto"], tuple(input_shape))
+        return make_method(
+            self.method,
+            eps=self.eps,
+            steps=self.attack_steps,
+            alpha=self.attack_alpha,
+            beta=self.beta,
+            slim_layers=slim_layers,
+            via=self.attack_via,
+            label_smoothing=label_smoothing,
+        )
+
+    def validators(self, x: torch.Tensor, y: torch.Tensor, config) -> list:
+        """The PGD validator on the first images of the loop's own held-out split (same seed, same split)."""
+        from .loop import split_indices
+        from .validators import pgd_validator
+
+        n = self.validation_images
+        if not n:
+            return []
+        if config.val_split <= 0:
+            raise NenniError("--val-pgd-n needs a validation split (--val-split > 0)")
+        _, val_idx = split_indices(len(x), config.val_split, config.seed)
+        val_idx = val_idx[:n]
+        eps, steps = self.eps, self.val_pgd_steps
+        attack = PGD(eps=eps, steps=steps, alpha=max(eps / 4, 2.5 * eps / steps))
+        return [pgd_validator(x[val_idx], y[val_idx], attack, config.eval_batch_size, via=self.attack_via)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

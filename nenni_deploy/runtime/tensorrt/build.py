@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from ...errors import NenniError
 from ...exporters import tensorrt_check
+from ...files import atomic_output
 from ..loading import LoadedModel, load_onnx_checked
 
 MAX_ERRORS_LISTED = 5
@@ -84,26 +84,9 @@ def format_parser_errors(errors: list[Any], where: str) -> str:
 def write_plan_atomic(data: bytes | memoryview, out: Path) -> int:
     """Write bytes beside `out` under a temporary name, then rename: a failure leaves no half-written plan."""
     out = Path(out)
-    if out.is_dir():
-        raise NenniError(f"cannot write {out}: it is a directory")
-    parent = out.parent if str(out.parent) else Path(".")
-    tmp = None
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-        tmp = None
-        return out.stat().st_size
-    except OSError as exc:
-        raise NenniError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(out) as tmp:
+        tmp.write_bytes(data)
+    return out.stat().st_size
 
 
 def check_for_tensorrt(model: LoadedModel) -> None:

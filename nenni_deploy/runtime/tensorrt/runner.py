@@ -22,11 +22,6 @@ from ..runners import Runner, validate_input
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def warmup_iterations(elapsed: float, done: int, warmup_seconds: float, minimum: int = 1) -> bool:
     """Whether to run one more warm-up iteration: at least `minimum`, then until `warmup_seconds` have passed."""
     return done < minimum or elapsed < warmup_seconds

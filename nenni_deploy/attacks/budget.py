@@ -10,19 +10,22 @@ from ..errors import NenniError
 MAX_EPS = {"linf": 1.0, "l2": 64.0}  # a budget past these cannot be an intended image-space radius
 
 
-def parse_eps(text: str, norm: str = "linf") -> float:
-    """'2/255' or '0.0078' -> float in (0, MAX_EPS[norm]]; anything else is a one-line error."""
-    raw = text.strip()
-    try:
-        if "/" in raw:
-            num, den = raw.split("/")
-            value = float(Fraction(num.strip()) / Fraction(den.strip()))
-        else:
-            value = float(raw)
-    except (ValueError, ZeroDivisionError):
-        raise NenniError(f"eps {text!r} is not a number or a fraction like 8/255") from None
+def parse_eps(text: str | float, norm: str = "linf", what: str = "eps") -> float:
+    """'2/255' or '0.0078' -> float in (0, MAX_EPS[norm]]; anything else is a one-line error naming `what`."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        raw = str(text).strip()
+        try:
+            if "/" in raw:
+                num, den = raw.split("/")
+                value = float(Fraction(num.strip()) / Fraction(den.strip()))
+            else:
+                value = float(raw)
+        except (ValueError, ZeroDivisionError):
+            raise NenniError(f"{what} {text!r} is not a number or a fraction like 8/255") from None
     if not math.isfinite(value) or value <= 0 or value > MAX_EPS[norm]:
-        raise NenniError(f"eps {text!r} is out of range: an {norm} budget must be in (0, {MAX_EPS[norm]:g}]")
+        raise NenniError(f"{what} {text!r} is out of range: an {norm} budget must be in (0, {MAX_EPS[norm]:g}]")
     return value
 
 

@@ -1,12 +1,10 @@
-"""Data sets as float images in [0, 1], NCHW: the embedded digits set and CIFAR-10 from a local folder."""
+"""The built-in data sets: scikit-learn's digits (embedded) and CIFAR-10 from a local folder."""
 
 from __future__ import annotations
 
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -15,6 +13,8 @@ import torch
 
 from nenni_deploy.errors import NenniError
 
+from .dataset import Dataset
+
 try:
     from numpy._core import multiarray as _np_multiarray
     from numpy._core import numeric as _np_numeric
@@ -22,8 +22,6 @@ except ImportError:  # numpy < 2
     from numpy.core import multiarray as _np_multiarray
     from numpy.core import numeric as _np_numeric
 
-DATASETS = ("digits", "cifar10")
-SPLITS = ("train", "test")
 DATA_DIR_ENV = "NENNI_DATA_DIR"
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -49,50 +47,7 @@ _DIGITS_TEST_FRACTION = 0.25
 _DIGITS_SEED = 0
 
 
-@dataclass
-class Dataset:
-    x: torch.Tensor  # float32, N x C x H x W, in [0, 1]
-    y: torch.Tensor  # int64, N
-    name: str
-    num_classes: int
-    classes: tuple[str, ...]
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-def load_dataset(name: str, split: str, data_dir: str | os.PathLike[str] | None = None) -> Dataset:
-    """Load `split` ('train' or 'test') of 'digits' (embedded) or 'cifar10' (from `data_dir`)."""
-    if split not in SPLITS:
-        raise NenniError(f"unknown split {split!r}; use one of: {', '.join(SPLITS)}")
-    if name == "digits":
-        return _load_digits(split)
-    if name == "cifar10":
-        return _load_cifar10(split, data_dir)
-    raise NenniError(f"unknown data set {name!r}; known data sets: {', '.join(DATASETS)}")
-
-
-def subset(ds: Dataset, n: int, seed: int | None = None) -> Dataset:
-    """The first `n` samples, or with a seed `n` random ones (kept in data set order); all if `n >= len`."""
-    if n < 0:
-        raise NenniError(f"subset size must be at least 0, not {n}")
-    if seed is None:
-        index = torch.arange(min(n, len(ds)))
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        index = torch.randperm(len(ds), generator=generator)[:n].sort().values
-    return Dataset(ds.x[index], ds.y[index], ds.name, ds.num_classes, ds.classes)
-
-
-def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Consecutive (x, y) batches in order; the last one may be smaller."""
-    if batch_size < 1:
-        raise NenniError(f"batch size must be at least 1, not {batch_size}")
-    for start in range(0, len(x), batch_size):
-        yield x[start : start + batch_size], y[start : start + batch_size]
-
-
-def _load_digits(split: str) -> Dataset:
+def load_digits(split: str) -> Dataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -109,7 +64,7 @@ def _load_digits(split: str) -> Dataset:
     return Dataset(x, y, "digits", 10, tuple(str(d) for d in range(10)))
 
 
-def _load_cifar10(split: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
+def load_cifar10(split: str, data_dir: str | os.PathLike[str] | None) -> Dataset:
     folder = _cifar_folder(data_dir)
     npz = folder / f"{split}.npz"
     if npz.is_file():
