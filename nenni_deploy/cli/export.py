@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from .options import apply_threads, data_options, json_option, threads_option, write_json
+from .options import (
+    apply_threads,
+    data_options,
+    int8_options,
+    int8_settings,
+    json_option,
+    threads_option,
+    write_json,
+)
 
 
 def _mb(n: int) -> str:
@@ -16,8 +24,11 @@ def _mb(n: int) -> str:
 def format_parity(report) -> list[str]:
     lines = [
         f"parity on {report.images} images ({report.compared}): max abs diff {report.max_abs_diff:.3g}, "
-        f"mean {report.mean_abs_diff:.3g}, top-1 agreement {report.agreement:.2f} %"
+        f"mean {report.mean_abs_diff:.3g} ({100 * report.relative_error:.2g} % of the mean |logit|), "
+        f"top-1 agreement {report.agreement:.2f} %"
     ]
+    if report.tolerance:
+        lines.append(f"tolerance ({report.tolerance})")
     if report.accuracy_torch is not None:
         lines.append(f"accuracy: PyTorch {report.accuracy_torch:.2f} %  ONNX Runtime {report.accuracy_onnx:.2f} %")
     if report.noise:
@@ -38,6 +49,18 @@ def format_parity(report) -> list[str]:
             )
     lines += [f"warning: {w}" for w in report.warnings]
     return lines
+
+
+def format_int8(result) -> list[str]:
+    c, cal = result.counts, result.calibration
+    integer = ", ".join(f"{op} {n}" for op, n in c["integer_kernels"].items()) or "none"
+    floating = ", ".join(f"{op} {n}" for op, n in c["float_compute_kernels"].items()) or "none"
+    lines = [
+        f"int8: calibrated on {cal['source']} ({cal['method']}); {cal['weights']}",
+        f"int8: ONNX Runtime runs {c['integer_total']} integer kernels ({integer}); float compute kernels: "
+        f"{floating}; NENNI layers in int8: {c['nenni_layers_int8']} of {c['nenni_layers']}",
+    ]
+    return lines + [f"warning: {w}" for w in result.warnings]
 
 
 @click.command(name="export")
@@ -87,6 +110,7 @@ def format_parity(report) -> list[str]:
     show_default=True,
     help="ORT threads --channel-lowering auto times layers with (as in deployment).",
 )
+@int8_options()
 @threads_option("Threads for the check.")
 @json_option()
 def command(
@@ -106,6 +130,11 @@ def command(
     channel_lowering,
     tune_batch,
     tune_threads,
+    int8,
+    calib_n,
+    calib_method,
+    calib_percentile,
+    reduce_range,
     threads,
     json_path,
 ):
@@ -128,11 +157,25 @@ def command(
         tune_threads=tune_threads,
     )
     data = data_for(model, data_name, data_dir, image_size) if (data_name or data_dir or image_size) else None
+    quantize = int8_settings(int8, calib_n, calib_method, calib_percentile, reduce_range)
+    if quantize is not None and data is None and model.data is None and model.source.arch:
+        data = data_for(model, None)  # a registered architecture's own data set calibrates it
     report = export_onnx(
-        model, out, options, check=check, check_n=check_n, data=data, threads=threads, external_data=external_data
+        model,
+        out,
+        options,
+        check=check,
+        check_n=check_n,
+        data=data,
+        threads=threads,
+        external_data=external_data,
+        int8=quantize,
     )
     for note in report.notes:
         click.echo(f"note: {note}")
+    if report.int8 is not None:
+        for line in format_int8(report.int8):
+            click.echo(line)
     if report.parity is not None:
         for line in format_parity(report.parity):
             click.echo(line)

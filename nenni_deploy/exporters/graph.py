@@ -215,6 +215,7 @@ def metadata_for(card: dict[str, Any], options, proto: ModelProto) -> dict[str, 
         "nenni.domain_version": str(ops.DOMAIN_VERSION),
         "nenni.target": options.target,
         "nenni.dense": json.dumps(bool(options.dense)),
+        "nenni.precision": "float32",  # exporters/int8.py: "int8"
         "nenni.kind": "dense" if options.dense else str(card.get("kind", "dense")),
         "nenni.arch": str(card.get("arch", "")),
         "nenni.dataset": str(data.get("name") or card.get("metrics", {}).get("data") or ""),

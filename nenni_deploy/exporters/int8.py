@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import json
 import logging
 import os
@@ -223,6 +224,11 @@ def _calibrator_options(settings: Int8Settings) -> dict[str, Any]:
     options: dict[str, Any] = {"symmetric": False}
     if settings.calib_method == "percentile":
         options["percentile"] = settings.percentile
+    if settings.calib_method == "entropy":
+        # ORT's defaults (128 histogram bins, 128 quantized bins) leave the search a single candidate, the full
+        # range: min-max under another name. 512 bins over [-max, max] give it 193 candidates (1024 took twice
+        # as long for the same ranges on ResNet-20).
+        options.update(num_bins=512, num_quantized_bins=128)
     return options
 
 
@@ -235,12 +241,14 @@ def _method(name: str):
 
 @contextlib.contextmanager
 def _quiet_quantizer():
-    """onnxruntime.quantization logs warnings through the root logger (pre-processing advice): quiet here."""
+    """onnxruntime.quantization logs advice through the root logger and its histogram calibrators print
+    progress to stdout: library code is quiet."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)
 
