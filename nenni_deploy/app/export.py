@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -130,6 +130,7 @@ def export_onnx(
         if options.target != "ort":
             raise NenniError("--int8 exports for ONNX Runtime only (--target ort); TensorRT builds its own int8")
         calib = calibration_images(calibration_data(model, data), int8.calib_n)
+        options = replace(options, precision="int8")  # --channel-lowering auto decides for what will run
     exported = build_onnx(module, card, model.input_shape, options)
     report = ExportReport(options, str(model.path) if model.path else None, notes=notes)
     if int8 is not None:

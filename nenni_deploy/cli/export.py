@@ -90,25 +90,26 @@ def format_int8(result) -> list[str]:
 @data_options()
 @click.option(
     "--channel-lowering",
-    type=click.Choice(["skip", "masked", "auto"]),
+    type=click.Choice(["skip", "masked", "auto", "tune"]),
     default="skip",
     show_default=True,
     help="Channel layers in ORT: compute only the essential filters (skip), the dense convolution then select "
-    "(masked; same outputs), or time both per layer and keep the faster (auto).",
+    "(masked; same outputs), per layer the one the measured lowering model predicts faster for its shape, "
+    "the batch size and the precision (auto; benchmarks/crossover.py), or time both on every layer (tune).",
 )
 @click.option(
     "--tune-batch",
     type=click.IntRange(1, 4096),
     default=1,
     show_default=True,
-    help="Batch size --channel-lowering auto times layers at.",
+    help="Batch size --channel-lowering auto decides for and tune times at.",
 )
 @click.option(
     "--tune-threads",
     type=click.IntRange(1, 256),
     default=1,
     show_default=True,
-    help="ORT threads --channel-lowering auto times layers with (as in deployment).",
+    help="ORT threads --channel-lowering tune times layers with (as in deployment).",
 )
 @int8_options()
 @threads_option("Threads for the check.")
@@ -155,6 +156,7 @@ def command(
         channel_lowering=channel_lowering,
         tune_batch=tune_batch,
         tune_threads=tune_threads,
+        precision="int8" if int8 else "float32",
     )
     data = data_for(model, data_name, data_dir, image_size) if (data_name or data_dir or image_size) else None
     quantize = int8_settings(int8, calib_n, calib_method, calib_percentile, reduce_range)

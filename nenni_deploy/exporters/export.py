@@ -12,6 +12,7 @@ import copy
 import io
 import json
 import logging
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -29,8 +30,10 @@ from ..nenni.cost import cost_report
 from ..nenni.layers import NenniLayer, ScaledConv2d, ScaledLinear, nenni_layers
 from . import graph, ops, tensorrt_check, tune
 from . import torch_ops as _torch_ops  # noqa: F401  (registers the custom ops)
+from .lowering_model import load_lowering_model
 
 TARGETS = ("ort", "tensorrt")
+CHOOSERS = ("auto", "tune")  # --channel-lowering values that choose per layer
 MIN_OPSET = 18
 MAX_OPSET = 23  # the highest the torch exporter and ONNX Runtime 1.31 agree on here
 DEFAULT_OPSET = 18
@@ -47,9 +50,12 @@ class ExportOptions:
     noise_seed: int | None = None  # None: fresh noise in every session
     # Channel layers in ORT: "skip" computes only the essential filters; "masked" the dense convolution, then
     # selects (same outputs); or a map from layer name to one of them (what `nenni export --tune` chose).
-    channel_lowering: str | dict[str, str] = "skip"  # or "auto": time both per layer (`tune`), keep the faster
-    tune_batch: int = 1
+    # "auto": the measured lowering model (lowering_model.py) decides per layer from its shape, the batch size
+    # and the precision; "tune": time both bodies on every layer (tune.py) and keep the faster.
+    channel_lowering: str | dict[str, str] = "skip"
+    tune_batch: int = 1  # the batch size "auto" decides for and "tune" times at
     tune_threads: int = 1
+    precision: str = "float32"  # what the export will run in ("int8" when exporters.int8 quantizes it after)
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -59,9 +65,9 @@ class ExportOptions:
         if self.noise_seed is not None and not 0 <= self.noise_seed <= ops.MAX_SEED:
             raise NenniError(f"--noise-seed must be in [0, {ops.MAX_SEED}], got {self.noise_seed}")
         choices = self.channel_lowering.values() if isinstance(self.channel_lowering, dict) else [self.channel_lowering]
-        allowed = (*ops.CHANNEL_LOWERINGS, "auto")
+        allowed = (*ops.CHANNEL_LOWERINGS, *CHOOSERS)
         for choice in choices:
-            if choice not in allowed or (choice == "auto" and isinstance(self.channel_lowering, dict)):
+            if choice not in allowed or (choice in CHOOSERS and isinstance(self.channel_lowering, dict)):
                 raise NenniError(
                     f"--channel-lowering must be one of {', '.join(ops.CHANNEL_LOWERINGS)}, got {choice!r}"
                 )
@@ -204,17 +210,24 @@ def build_onnx(
     proto = tidy(traced)
     graph.trim_unused_outputs(proto)
     graph.name_nenni_nodes(proto)
-    tuning = None
-    if options.channel_lowering == "auto" and options.target == "ort" and not options.dense:
+    tuning = choices = None
+    choosing = options.target == "ort" and not options.dense
+    if options.channel_lowering == "tune" and choosing:
         tuning = tune.tune_channel_lowerings(proto, batch=options.tune_batch, threads=options.tune_threads)
         lowerings = {t.name: t.choice for t in tuning}
+    elif options.channel_lowering == "auto" and choosing:
+        choices = modelled_lowerings(proto, precision=options.precision, batch=options.tune_batch)
+        lowerings = {c["layer"]: c["choice"] for c in choices["layers"]}
     else:
-        lowerings = _lowerings(proto, "skip" if options.channel_lowering == "auto" else options.channel_lowering)
+        lowering = "skip" if options.channel_lowering in CHOOSERS else options.channel_lowering
+        lowerings = _lowerings(proto, lowering)
     graph.shape_for_target(proto, options.target, options.opset, lowerings)
     graph.document_io(proto, input_shape)
     metadata = graph.metadata_for(card, options, proto)
     metadata["nenni.cost"] = json.dumps(_cost_totals(model, input_shape, dense=options.dense), sort_keys=True)
     metadata["nenni.overloads"] = json.dumps({n.name: n.overload for n in graph.nenni_nodes(proto, ops.LAYER_OPS)})
+    if choices is not None:
+        metadata["nenni.lowering"] = json.dumps(choices)
     if tuning is not None:
         metadata["nenni.tuning"] = json.dumps(
             {"batch": options.tune_batch, "threads": options.tune_threads, "layers": [asdict(t) for t in tuning]}
@@ -225,6 +238,30 @@ def build_onnx(
         tensorrt_check.check_tensorrt_graph(proto, "the TensorRT-target export")
     seconds = time.perf_counter() - start
     return ExportedModel(proto, seconds, graph.node_counts(proto))
+
+
+def modelled_lowerings(proto: onnx.ModelProto, *, precision: str, batch: int) -> dict[str, Any]:
+    """The lowering model's choice for every channel NenniConv node (others keep the skipping body), with the
+    features it decided on: work = C_in * C_out * H_out * W_out per image (scaled by kh * kw / 9: the model was
+    measured on 3x3 layers) and the essential ratio K / C_out."""
+    model = load_lowering_model()
+    shapes = tune.value_shapes(proto)
+    weights = {t.name: list(t.dims) for t in proto.graph.initializer}
+    layers = []
+    for node in graph.nenni_nodes(proto, (ops.CONV,)):
+        w, out = weights.get(node.input[1]), shapes.get(node.output[0])
+        if graph.node_attr(node, "granularity") != "channel" or not w or len(w) != 4:
+            continue
+        if not out or any(not isinstance(d, int) for d in out[2:]):
+            raise NenniError(f"cannot choose a lowering for {node.name}: its output shape is unknown ({out})")
+        n, c_in, kh, kw = w
+        work = c_in * n * out[2] * out[3] * kh * kw / 9
+        ratio = int(graph.node_attr(node, "k", 1)) / n
+        log_ratio = model.predict_log_ratio(precision, batch, ratio, work)
+        choice = "skip" if log_ratio < 0 else "masked"
+        layers.append({"layer": node.name, "work": work, "ratio": ratio, "skip_over_masked": math.exp(log_ratio),
+                       "choice": choice})  # fmt: skip
+    return {"mode": "auto", "precision": precision, "batch": batch, "model": model.measured, "layers": layers}
 
 
 def _lowerings(proto: onnx.ModelProto, choice: str | dict[str, str]) -> dict[str, str]:
