@@ -144,6 +144,7 @@ def _channel_conv_skip(b: _Body, rank: str, kernel: tuple[int, int]) -> None:
     patches = _tap_columns(b, kernel, xq, xz)  # (B, d, H_out, W_out) uint8, padded with the zero point
     out_shape = b("Shape", patches)
     cols = b("Reshape", patches, b.ints([0, 0, -1]))  # (B, d, L)
+    # The projection on the same patches (a QLinearConv of its own measured no faster: the patches are cut anyway)
     ternary, p_scale = _ternary(b, _tap_rows(b, "P"))
     u32 = b("MatMulInteger", ternary, cols, _u8(b, 1), xz)  # (B, k, L)
     pred = _approximate(b, u32, b("Mul", xs, p_scale), rows_first=True)  # (B, n, L)
@@ -182,19 +183,26 @@ def _qdq_weight(b: _Body, weight: str, conv: bool) -> tuple[str, str]:
     return b("DequantizeLinear", w8, scale, zero, axis=0), scale
 
 
+def _projection_qdq(b: _Body, xd: str, conv: bool) -> tuple[str, str, str]:
+    """(P x as uint8, its scale, its zero point): the projection as a QDQ group (DequantizeLinear of the input
+    and of the ternary levels, Conv or Gemm, QuantizeLinear) that ORT fuses into QLinearConv / QGemm, whose
+    weights it prepacks."""
+    p_scale = b("Max", b("ReduceMax", b("Abs", "P"), keepdims=0), _float(b, 1e-12))
+    levels = b("Cast", b("Round", b("Div", "P", p_scale)), to=TensorProto.INT8)
+    # An explicit zero point: ORT fuses a QDQ group into an integer kernel only when the weight's DQ has one.
+    ternary = b("DequantizeLinear", levels, p_scale, b("Cast", b.int_(0), to=TensorProto.INT8))
+    us, uz = b.ref("u_scale", "float"), _zero_point(b, "u_zero_point")
+    u = b("Conv", xd, ternary, refs=_GEOMETRY_REFS) if conv else b("Gemm", xd, ternary, transB=1)
+    return b("QuantizeLinear", u, us, uz), us, uz
+
+
 def _masked_int8(b: _Body, conv: bool, granularity: str, rank: str) -> None:
     """Dense integer layer, then select: every product in a QDQ group ORT fuses into an integer kernel."""
     geometry = _GEOMETRY_REFS if conv else None
     b.stage = "project"
     xq, xs, xz = _quantize_input(b)
     xd = b("DequantizeLinear", xq, xs, xz)
-    p_scale = b("Max", b("ReduceMax", b("Abs", "P"), keepdims=0), _float(b, 1e-12))
-    levels = b("Cast", b("Round", b("Div", "P", p_scale)), to=TensorProto.INT8)
-    # An explicit zero point: ORT fuses a QDQ group into an integer kernel only when the weight's DQ has one.
-    ternary = b("DequantizeLinear", levels, p_scale, b("Cast", b.int_(0), to=TensorProto.INT8))
-    us, uz = b.ref("u_scale", "float"), _zero_point(b, "u_zero_point")
-    u = b("Conv", xd, ternary, refs=geometry) if conv else b("Gemm", xd, ternary, transB=1)
-    uq = b("QuantizeLinear", u, us, uz)
+    uq, us, uz = _projection_qdq(b, xd, conv)
     if conv:  # the 1x1 approximator as (n, k) x (B, k, L)
         pred = _approximate_q(b, b("Reshape", uq, b.ints([0, 0, -1])), us, uz, rows_first=True)
         u_shape = b("Shape", uq)  # not of u: a QDQ group fuses only when Q is the Conv's one consumer
