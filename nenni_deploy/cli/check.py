@@ -22,7 +22,7 @@ from .options import apply_threads, batch_size_option, data_options, json_option
     "--min-agreement",
     type=float,
     default=None,
-    help="Fail below this top-1 agreement (%).  [default: 99 for float32 exports; 95 for int8 exports, which also "
+    help="Fail below this top-1 agreement (%).  [default: 99 for float32 exports; 90 for int8 exports, which also "
     "fail above a mean logit error of 15 % of the mean |logit|]",
 )
 @json_option()
