@@ -229,3 +229,23 @@ def test_int8_export_of_a_model_that_records_no_data(tmp_path):
     assert invoke("export", tmp_path / "dense", "--int8", "--data", "digits", "--calib-n", "32", "--check-n", "32",
                   "--out", out).exit_code == 0  # fmt: skip
     assert math.isfinite(out.stat().st_size)
+
+
+# -- the static-batch grouped lowering --------------------------------------------------------------------------
+def test_grouped_lowering_float_and_int8_with_a_static_batch():
+    model, card = tiny_nenni("channel")
+    skip = build_onnx(model, card, TINY_SHAPE, ExportOptions())
+    grouped = build_onnx(model, card, TINY_SHAPE, ExportOptions(channel_lowering="grouped", batch=4))
+    dims = grouped.proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 4
+    convs = graph.nenni_nodes(grouped.proto, (ops.CONV,))
+    assert all(n.overload.endswith("_grouped") and graph.node_attr(n, "batch") == 4 for n in convs)
+    np.testing.assert_allclose(run(grouped.proto, X[:4]), run(skip.proto, X[:4]), atol=2e-5, rtol=1e-5)
+    report = check_parity(model, check_proto(grouped.proto), X[:10])  # 10 images: batches padded to 4
+    assert report.images == 10 and report.agreement == 100.0
+    result = quantize_int8(grouped.proto, CALIB, FAST)
+    assert result.counts["integer_kernels"]["ConvInteger"] == 3 and result.counts["float_compute_total"] == 0
+    assert all(n.overload.endswith("_grouped_int8") for n in graph.nenni_nodes(result.proto, (ops.CONV,)))
+    assert check_parity(model, check_proto(result.proto), X[:10]).relative_error < 0.03
+    with pytest.raises(NenniError, match="--batch"):
+        build_onnx(model, card, TINY_SHAPE, ExportOptions(channel_lowering="grouped"))

@@ -90,12 +90,20 @@ def format_int8(result) -> list[str]:
 @data_options()
 @click.option(
     "--channel-lowering",
-    type=click.Choice(["skip", "masked", "auto", "tune"]),
+    type=click.Choice(["skip", "masked", "grouped", "auto", "tune"]),
     default="skip",
     show_default=True,
     help="Channel layers in ORT: compute only the essential filters (skip), the dense convolution then select "
-    "(masked; same outputs), per layer the one the measured lowering model predicts faster for its shape, "
+    "(masked; same outputs), one convolution group per sample over the gathered filters (grouped; needs "
+    "--batch), per layer the one of skip and masked the measured lowering model predicts faster for its shape, "
     "the batch size and the precision (auto; benchmarks/crossover.py), or time both on every layer (tune).",
+)
+@click.option(
+    "--batch",
+    "static_batch",
+    type=click.IntRange(1, 65536),
+    default=None,
+    help="Fix the batch size of the graph (default: dynamic); --channel-lowering grouped needs it.",
 )
 @click.option(
     "--tune-batch",
@@ -129,6 +137,7 @@ def command(
     data_dir,
     image_size,
     channel_lowering,
+    static_batch,
     tune_batch,
     tune_threads,
     int8,
@@ -157,6 +166,7 @@ def command(
         tune_batch=tune_batch,
         tune_threads=tune_threads,
         precision="int8" if int8 else "float32",
+        batch=static_batch,
     )
     data = data_for(model, data_name, data_dir, image_size) if (data_name or data_dir or image_size) else None
     quantize = int8_settings(int8, calib_n, calib_method, calib_percentile, reduce_range)

@@ -56,6 +56,7 @@ class ExportOptions:
     tune_batch: int = 1  # the batch size "auto" decides for and "tune" times at
     tune_threads: int = 1
     precision: str = "float32"  # what the export will run in ("int8" when exporters.int8 quantizes it after)
+    batch: int | None = None  # a static batch size (None: a dynamic batch axis); the grouped lowering needs one
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -71,6 +72,10 @@ class ExportOptions:
                 raise NenniError(
                     f"--channel-lowering must be one of {', '.join(ops.CHANNEL_LOWERINGS)}, got {choice!r}"
                 )
+            if choice in ops.STATIC_BATCH_LOWERINGS and self.batch is None:
+                raise NenniError(f"--channel-lowering {choice} needs a static batch size: add --batch N")
+        if self.batch is not None and self.batch < 1:
+            raise NenniError(f"--batch must be >= 1, got {self.batch}")
 
 
 @dataclass
@@ -164,9 +169,10 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int) -> ir.Model:
-    """torch.onnx.export with a dynamic batch axis; the ONNX IR model, optimised by the exporter."""
-    example = torch.rand(2, *input_shape)
+def trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int, batch: int | None = None) -> ir.Model:
+    """torch.onnx.export with a dynamic batch axis (or the static `batch`); the ONNX IR model, optimised by the
+    exporter."""
+    example = torch.rand(batch or 2, *input_shape)
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
@@ -176,7 +182,7 @@ def trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int) -
                 opset_version=opset,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamic_shapes=({0: torch.export.Dim("batch")},) if batch is None else None,
                 custom_translation_table=_torch_ops.TRANSLATION_TABLE,
                 optimize=True,
                 verbose=False,
@@ -206,7 +212,7 @@ def build_onnx(
     """The finished in-memory ONNX model for `options.target`, checked (checker and shape inference)."""
     options.validate()
     start = time.perf_counter()
-    traced = trace_to_onnx(export_module(model, options), tuple(input_shape), options.opset)
+    traced = trace_to_onnx(export_module(model, options), tuple(input_shape), options.opset, options.batch)
     proto = tidy(traced)
     graph.trim_unused_outputs(proto)
     graph.name_nenni_nodes(proto)

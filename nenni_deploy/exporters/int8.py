@@ -260,7 +260,11 @@ def calibrate(proto: ModelProto, images: np.ndarray, settings: Int8Settings, fol
     probe, probes = probe_model(proto)
     probe_path = folder / "probe.onnx"
     onnx.save_model(probe, str(probe_path))
-    reader = _Reader(proto.graph.input[0].name, images, settings.batch_size)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
+    if fixed:  # a static-batch graph calibrates on whole batches of its size (images repeated to fill one)
+        images = np.concatenate([images] * -(-fixed // len(images)))[: max(fixed, len(images) // fixed * fixed)]
+    reader = _Reader(proto.graph.input[0].name, images, fixed or settings.batch_size)
     try:
         calibrator = create_calibrator(
             probe_path,

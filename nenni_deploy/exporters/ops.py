@@ -106,6 +106,7 @@ def _layer_attributes(conv: bool) -> list[OpSchema.Attribute]:
         OpSchema.Attribute("plugin_namespace", _A.STRING, "TensorRT plugin namespace", required=False),
         OpSchema.Attribute("plugin_version", _A.STRING, "TensorRT plugin version", required=False),
         *(OpSchema.Attribute(name, kind, doc, required=False) for name, kind, doc in _INT8_ATTRIBUTES),
+        OpSchema.Attribute("batch", _A.INT, "the graph's static batch size (grouped lowering)", required=False),
     ]
     if conv:
         attrs += [
@@ -246,7 +247,8 @@ def _infer_same(ctx) -> None:
 
 
 # -- node attributes --------------------------------------------------------------------------------------------
-CHANNEL_LOWERINGS = ("skip", "masked")
+CHANNEL_LOWERINGS = ("skip", "masked", "grouped")
+STATIC_BATCH_LOWERINGS = ("grouped",)  # need the batch size in the graph (a convolution's `group`)
 
 
 def overload_name(
@@ -257,7 +259,9 @@ def overload_name(
     one strided Slice per kernel tap instead of a Gather over computed offsets, several times faster in ORT.
     `lowering="masked"` picks the channel body that computes the exact layer densely (a prepacked convolution)
     and selects: the same outputs, no skipping, faster in ORT on CPU where explicit patches cost more than the
-    whole dense convolution. `int8` appends `_int8`: the same op on uint8 activations and int8 weights
+    whole dense convolution. `lowering="grouped"` (channel convolutions of a static-batch graph) runs the exact
+    path as one convolution with a group per sample over the gathered filters (node attribute `batch`).
+    `int8` appends `_int8`: the same op on uint8 activations and int8 weights
     (exporters/ops_int8.py)."""
     if int8:
         return overload_name(granularity, rank, kernel, lowering) + INT8_SUFFIX
@@ -267,8 +271,8 @@ def overload_name(
         raise ValueError(f"unknown rank {rank!r}")
     if lowering not in CHANNEL_LOWERINGS:
         raise ValueError(f"unknown channel lowering {lowering!r}")
-    if lowering == "masked" and granularity == "channel":
-        return f"{granularity}_{rank}_masked"
+    if lowering in ("masked", "grouped") and granularity == "channel":
+        return f"{granularity}_{rank}_{lowering}"
     if kernel is not None and granularity == "channel":
         kh, kw = (int(v) for v in kernel)
         if kh < 1 or kw < 1:
@@ -289,7 +293,8 @@ def _float_part(overload: str) -> str:
 
 
 def lowering_of_overload(overload: str) -> str:
-    return "masked" if _float_part(overload).endswith("_masked") else "skip"
+    tail = _float_part(overload).rsplit("_", 1)[-1]
+    return tail if tail in CHANNEL_LOWERINGS else "skip"
 
 
 def kernel_of_overload(overload: str) -> tuple[int, int] | None:
@@ -630,6 +635,34 @@ def _channel_conv_fill(b: _Body, pred: str, idx: str, exact: str, out_shape: str
     b("Expand", b("Unsqueeze", channel_mask, b.ints([2, 3])), y_shape, outputs=["M"])
 
 
+def _channel_grouped_body(b: _Body, rank: str) -> None:
+    """Channel convolution of a static-batch graph: the prediction as in the masked body, then the K selected
+    filters of every sample in one convolution whose groups are the samples (X seen as (1, B * C_in, H, W)):
+    the convolution kernel reads the input in place, with no explicit patches."""
+    pred, score = _prediction(b, True, rank)
+    idx, channel_score = _channel_indices(b, score, [2, 3], ascending=False)  # (B, K), (B, n)
+    b.stage = "exact"
+    w_shape = b("Shape", "W")
+    rows = b("Reshape", b("Gather", "W", idx, axis=0), b("Concat", b.ints([-1]), _tail(b, w_shape, 1), axis=0))
+    bias = b("Reshape", b("Gather", "B", idx, axis=0), b.ints([-1]))  # (B * K,)
+    exact = b("Conv", _as_groups(b, "X"), rows, bias, refs=_GROUPED_REFS)  # (1, B * K, H_out, W_out)
+    exact = b("Reshape", exact, b("Concat", b("Shape", idx), b.ints([-1]), axis=0))  # (B, K, L)
+    out_shape = b("Shape", pred)
+    _channel_conv_fill(b, b("Reshape", pred, b.ints([0, 0, -1])), idx, exact, out_shape, channel_score)
+
+
+_GROUPED_REFS = {**_GEOMETRY_REFS, "group": ("batch", AttributeProto.INT)}
+
+
+def _tail(b: _Body, shape: str, start: int) -> str:
+    return b("Slice", shape, b.ints([start]), b.ints([_BIG]))
+
+
+def _as_groups(b: _Body, x: str) -> str:
+    """(B, C, H, W) as (1, B * C, H, W): one convolution group per sample."""
+    return b("Reshape", x, b("Concat", b.ints([1, -1]), _tail(b, b("Shape", x), 2), axis=0))
+
+
 def _channel_body(b: _Body, conv: bool, rank: str) -> None:
     """Channel granularity for any layer: im2col by Gather over computed offsets (any kernel, any shape)."""
     pred, score = _prediction(b, conv, rank)
@@ -656,9 +689,11 @@ def _channel_body(b: _Body, conv: bool, rank: str) -> None:
         b("Identity", _scatter_mask(b, channel_score, idx, axis=1), outputs=["M"])
 
 
-def _layer_attribute_names(conv: bool, granularity: str, int8: bool = False) -> list[str]:
+def _layer_attribute_names(conv: bool, granularity: str, int8: bool = False, lowering: str = "skip") -> list[str]:
     names = {"element": ["k"], "channel": ["k"], "nm": ["nm"], "threshold": ["threshold"]}[granularity]
-    return names + (["strides", "pads", "dilations"] if conv else []) + (list(INT8_ATTRIBUTE_NAMES) if int8 else [])
+    names += ["strides", "pads", "dilations"] if conv else []
+    names += ["batch"] if conv and lowering == "grouped" and granularity == "channel" else []
+    return names + (list(INT8_ATTRIBUTE_NAMES) if int8 else [])
 
 
 def layer_function(
@@ -675,9 +710,14 @@ def layer_function(
     conv = op_type == CONV
     kernel = tuple(int(v) for v in kernel) if kernel is not None and conv and granularity == "channel" else None
     lowering = lowering if granularity == "channel" else "skip"
+    if lowering == "grouped" and not conv:
+        lowering = "skip"  # a linear layer's skipping body is already one batched product per sample
     b = _Body()
     if granularity == "channel" and lowering == "masked":
         _masked_body(b, conv, granularity, rank)
+        kernel = None
+    elif granularity == "channel" and lowering == "grouped":
+        _channel_grouped_body(b, rank)
         kernel = None
     elif granularity == "channel" and kernel is not None:
         _channel_conv_body(b, rank, kernel)
@@ -692,7 +732,7 @@ def layer_function(
         ["Y", "M"],
         b.nodes,
         [helper.make_opsetid("", opset)],
-        attributes=_layer_attribute_names(conv, granularity),
+        attributes=_layer_attribute_names(conv, granularity, lowering=lowering),
         doc_string=f"{op_type} ({granularity}, {rank} ranking) in standard ONNX ops",
         overload=overload_name(granularity, rank, kernel, lowering),
     )

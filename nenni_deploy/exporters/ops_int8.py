@@ -35,15 +35,18 @@ from onnx import FunctionProto, TensorProto, helper
 
 from .ops import (
     _GEOMETRY_REFS,
+    _GROUPED_REFS,
     CONV,
     DOMAIN,
     LAYER_OPS,
+    _as_groups,
     _Body,
     _channel_conv_fill,
     _channel_indices,
     _layer_attribute_names,
     _mask,
     _scatter_mask,
+    _tail,
     _tap_columns,
     _tap_rows,
     kernel_of_overload,
@@ -157,6 +160,27 @@ def _channel_conv_skip(b: _Body, rank: str, kernel: tuple[int, int]) -> None:
     _channel_conv_fill(b, pred, idx, _rescale(b, acc, scale, bias), out_shape, channel_score)
 
 
+def _channel_conv_grouped(b: _Body, rank: str) -> None:
+    """Static batch: the projection as a QDQ group, the K selected filters of every sample as one ConvInteger
+    whose groups are the samples (uint8 x uint8, the filters' levels + 128)."""
+    b.stage = "project"
+    xq, xs, xz = _quantize_input(b)
+    uq, us, uz = _projection_qdq(b, b("DequantizeLinear", xq, xs, xz), conv=True)
+    out_shape = b("Shape", uq)  # (B, k, H_out, W_out): Y keeps its batch and spatial dims
+    pred = _approximate_q(b, b("Reshape", uq, b.ints([0, 0, -1])), us, uz, rows_first=True)  # (B, n, L)
+    idx, channel_score = _channel_indices(b, _score(b, pred, rank), [2], ascending=False)
+    b.stage = "exact"
+    levels, w_scale = _symmetric(b, "W", [1, 2, 3], _levels_max(b, "w_bits"))
+    w_shape = b("Shape", "W")
+    rows = b("Gather", _offset_u8(b, levels, 128), idx, axis=0)  # (B, K, C_in, kh, kw)
+    rows = b("Reshape", rows, b("Concat", b.ints([-1]), _tail(b, w_shape, 1), axis=0))
+    acc = b("ConvInteger", _as_groups(b, xq), rows, xz, _u8(b, 128), refs=_GROUPED_REFS)  # (1, B * K, H, W)
+    acc = b("Reshape", acc, b("Concat", b("Shape", idx), b.ints([-1]), axis=0))  # (B, K, L)
+    scale = b("Unsqueeze", b("Gather", b("Mul", w_scale, xs), idx, axis=0), b.ints([2]))
+    bias = b("Unsqueeze", b("Gather", "B", idx, axis=0), b.ints([2]))
+    _channel_conv_fill(b, pred, idx, _rescale(b, acc, scale, bias), out_shape, channel_score)
+
+
 def _channel_linear_skip(b: _Body, rank: str) -> None:
     b.stage = "project"
     xq, xs, xz = _quantize_input(b)
@@ -236,7 +260,10 @@ def computes_densely(op_type: str, overload: str) -> bool:
     QDQ group fused into ORT's u8 x s8 kernels (whose AVX2 form can saturate 8-bit weights: `w_bits` 7 there),
     rather than by gathered u8 x u8 MatMulInteger."""
     granularity = overload.split("_", 1)[0]
-    skip = granularity == "channel" and lowering_of_overload(overload) == "skip"
+    lowering = lowering_of_overload(overload)
+    if granularity == "channel" and lowering == "grouped":
+        return False  # ConvInteger u8 x u8
+    skip = granularity == "channel" and lowering == "skip"
     return not (skip and (op_type != CONV or kernel_of_overload(overload) is not None))
 
 
@@ -254,10 +281,14 @@ def layer_function_int8(
     conv = op_type == CONV
     kernel = tuple(int(v) for v in kernel) if kernel is not None and conv and granularity == "channel" else None
     lowering = lowering if granularity == "channel" else "skip"
-    if lowering == "masked":
+    if lowering == "grouped" and not conv:
+        lowering = "skip"
+    if lowering in ("masked", "grouped"):
         kernel = None
     b = _Body()
-    if granularity == "channel" and lowering == "skip" and kernel is not None:
+    if granularity == "channel" and lowering == "grouped":
+        _channel_conv_grouped(b, rank)
+    elif granularity == "channel" and lowering == "skip" and kernel is not None:
         _channel_conv_skip(b, rank, kernel)
     elif granularity == "channel" and lowering == "skip" and not conv:
         _channel_linear_skip(b, rank)
@@ -270,7 +301,7 @@ def layer_function_int8(
         ["Y", "M"],
         b.nodes,
         [helper.make_opsetid("", opset)],
-        attributes=_layer_attribute_names(conv, granularity, int8=True),
+        attributes=_layer_attribute_names(conv, granularity, int8=True, lowering=lowering),
         doc_string=f"{op_type} ({granularity}, {rank} ranking), int8 form, in standard ONNX ops",
         overload=overload_name(granularity, rank, kernel, lowering, int8=True),
     )
