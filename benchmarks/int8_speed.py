@@ -25,6 +25,7 @@ WEIGHTS = {
 }
 MODELS = ("resnet20", "resnet56", "preact_resnet18", "wide_resnet34_10")
 VARIANTS = ("fp32-dense", "int8-dense", "fp32-nenni", "int8-nenni")
+GROUPED = ("fp32-grouped", "int8-grouped")  # --grouped: static-batch exports with the grouped lowering
 
 
 def nenni(*args: str) -> None:
@@ -46,9 +47,12 @@ def random_weights(arch: str, out: Path) -> Path:
     return path
 
 
-def export(model_dir: Path, out: Path, *, dense: bool, int8: bool, batch: int, args) -> Path:
+def export(model_dir: Path, out: Path, *, dense: bool, int8: bool, batch: int, args, grouped: bool = False) -> Path:
     if not out.exists():
-        extra = ["--dense"] if dense else ["--channel-lowering", "auto", "--tune-batch", str(batch)]
+        if grouped:
+            extra = ["--channel-lowering", "grouped", "--batch", str(batch)]
+        else:
+            extra = ["--dense"] if dense else ["--channel-lowering", args.lowering, "--tune-batch", str(batch)]
         extra += ["--int8", "--calib-n", str(args.calib_n), "--calib-method", args.calib_method] if int8 else []
         nenni("export", model_dir, "--out", out, "--data-dir", args.data_dir, "--check-n", str(args.check_n),
               "--threads", args.threads, "--json", out.with_suffix(".export.json"), *extra)  # fmt: skip
@@ -70,6 +74,8 @@ def main() -> None:
     ap.add_argument("--threads", default="2")
     ap.add_argument("--accuracy", default=True, action=argparse.BooleanOptionalAction, help="full test set")
     ap.add_argument("--include", default=None, help="convert only these layers (nenni calibrate --include)")
+    ap.add_argument("--lowering", default="auto", help="nenni export --channel-lowering of the NENNI variants")
+    ap.add_argument("--grouped", action="store_true", help="also time the static-batch grouped lowering")
     ap.add_argument("--out", type=Path, default=Path("runs/int8"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -95,14 +101,15 @@ def main() -> None:
                     int8=v.startswith("int8"),
                     batch=batch,
                     args=args,
+                    grouped=v.endswith("grouped"),
                 )  # fmt: skip
-                for v in VARIANTS
+                for v in VARIANTS + (GROUPED if args.grouped else ())
             }
             bench_json = args.out / f"{tag}-b{batch}.bench.json"
             if not bench_json.exists():
-                nenni("bench", files["int8-dense"], files["fp32-nenni"], files["int8-nenni"],
-                      "--baseline", files["fp32-dense"], "--batch", batch, "--duration", args.duration,
-                      "--threads", args.threads, "--quiet", "--json", bench_json)  # fmt: skip
+                models = [f for v, f in files.items() if v != "fp32-dense"]
+                timing = ["--batch", batch, "--duration", args.duration, "--threads", args.threads, "--quiet"]
+                nenni("bench", *models, "--baseline", files["fp32-dense"], *timing, "--json", bench_json)
             report = json.loads(bench_json.read_text())
             b = report["batches"][0]
             row = {"batch": batch, "other_load": b["load"]["other_processes_busy_cores"], "variants": {}}
@@ -117,7 +124,7 @@ def main() -> None:
                 }
             entry["batches"].append(row)
             if real and args.accuracy and batch == int(args.batches.split(",")[0]):
-                entry["accuracy"] = {v: accuracy(f, args) for v, f in files.items()}
+                entry["accuracy"] = {v: accuracy(f, args) for v, f in files.items() if v in VARIANTS}
         summary.append(entry)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     text = markdown(summary) + "\n\n" + targets(summary)
@@ -173,16 +180,23 @@ def targets(summary: list[dict]) -> str:
         ok = s64 is not None and s1 is not None and s64 >= 2 and s1 >= 1.5 and drop is not None and drop <= 0.5
         out.append(f"- int8 dense ResNet-56 >= 2x at batch 64 ({_f(s64)}x), >= 1.5x at batch 1 ({_f(s1)}x), within "
                    f"0.5 point ({_f(drop)} points): {'met' if ok else 'NOT met'}")  # fmt: skip
-    wins = [(e["arch"], r["batch"], v, r["variants"][v]["speedup"]["speedup"]) for e in summary for r in e["batches"]
-            for v in ("fp32-nenni", "int8-nenni") if r["variants"][v]["speedup"]["speedup"] > 1]  # fmt: skip
+    wins = [
+        (e["arch"], r["batch"], v, d["speedup"]["speedup"])
+        for e in summary
+        for r in e["batches"]
+        for v, d in r["variants"].items()
+        if v not in ("fp32-dense", "int8-dense") and d["speedup"]["speedup"] > 1
+    ]
     out.append("- a NENNI export faster than fp32 dense: " + (", ".join(f"{a} b{b} {v} {s:.2f}x" for a, b, v, s in wins)
                if wins else "NOT met"))  # fmt: skip
     int8_wins = []
     for e in summary:
         for r in e["batches"]:
-            d, n = r["variants"]["int8-dense"]["mean_ms"], r["variants"]["int8-nenni"]["mean_ms"]
-            if n < d:
-                int8_wins.append(f"{e['arch']} b{r['batch']} {d / n:.2f}x")
+            d = r["variants"]["int8-dense"]["mean_ms"]
+            for v in ("int8-nenni", "int8-grouped"):
+                n = r["variants"].get(v, {}).get("mean_ms")
+                if n and n < d:
+                    int8_wins.append(f"{e['arch']} b{r['batch']} {v} {d / n:.2f}x")
     out.append("- int8 NENNI faster than int8 dense: " + (", ".join(int8_wins) if int8_wins else "NOT met"))
     for e in summary:
         acc = e.get("accuracy")
