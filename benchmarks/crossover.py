@@ -334,15 +334,16 @@ def _key(r: dict) -> tuple:
 
 
 def _decision_rows(rows: list[dict]) -> list[dict]:
-    """skip_ms and masked_ms side by side, per (precision, batch, shape, ratio)."""
-    masked = {
-        (r["precision"], r["batch"], r["cin"], r["cout"], r["h"]): r["ms"] for r in rows if r["variant"] == "masked"
-    }
+    """Every skip and grouped measurement beside the masked body's time on the same layer."""
+    masked = {}
+    for r in rows:
+        if r["variant"] == "masked":
+            masked[(r["precision"], r["batch"], r["cin"], r["cout"], r["h"])] = r["ms"]
     out = []
     for r in rows:
         key = (r["precision"], r["batch"], r["cin"], r["cout"], r["h"])
-        if r["variant"] == "skip" and key in masked:
-            out.append({**r, "skip_ms": r["ms"], "masked_ms": masked[key]})
+        if r["variant"] in ("skip", "grouped") and key in masked:
+            out.append({**r, "masked_ms": masked[key]})
     return out
 
 

@@ -222,7 +222,8 @@ def build_onnx(
         tuning = tune.tune_channel_lowerings(proto, batch=options.tune_batch, threads=options.tune_threads)
         lowerings = {t.name: t.choice for t in tuning}
     elif options.channel_lowering == "auto" and choosing:
-        choices = modelled_lowerings(proto, precision=options.precision, batch=options.tune_batch)
+        batch = options.batch or options.tune_batch  # a static-batch graph runs at its own batch size
+        choices = modelled_lowerings(proto, precision=options.precision, batch=batch, static=options.batch is not None)
         lowerings = {c["layer"]: c["choice"] for c in choices["layers"]}
     else:
         lowering = "skip" if options.channel_lowering in CHOOSERS else options.channel_lowering
@@ -246,10 +247,11 @@ def build_onnx(
     return ExportedModel(proto, seconds, graph.node_counts(proto))
 
 
-def modelled_lowerings(proto: onnx.ModelProto, *, precision: str, batch: int) -> dict[str, Any]:
+def modelled_lowerings(proto: onnx.ModelProto, *, precision: str, batch: int, static: bool = False) -> dict[str, Any]:
     """The lowering model's choice for every channel NenniConv node (others keep the skipping body), with the
     features it decided on: work = C_in * C_out * H_out * W_out per image (scaled by kh * kw / 9: the model was
-    measured on 3x3 layers) and the essential ratio K / C_out."""
+    measured on 3x3 layers) and the essential ratio K / C_out. `static`: the graph has a static batch size (of
+    `batch`), so the grouped body is a candidate too."""
     model = load_lowering_model()
     shapes = tune.value_shapes(proto)
     weights = {t.name: list(t.dims) for t in proto.graph.initializer}
@@ -263,10 +265,14 @@ def modelled_lowerings(proto: onnx.ModelProto, *, precision: str, batch: int) ->
         n, c_in, kh, kw = w
         work = c_in * n * out[2] * out[3] * kh * kw / 9
         ratio = int(graph.node_attr(node, "k", 1)) / n
-        log_ratio = model.predict_log_ratio(precision, batch, ratio, work)
-        choice = "skip" if log_ratio < 0 else "masked"
-        layers.append({"layer": node.name, "work": work, "ratio": ratio, "skip_over_masked": math.exp(log_ratio),
-                       "choice": choice})  # fmt: skip
+        candidates = ("skip", "grouped") if static else ("skip",)
+        choice = model.choose(precision, batch, ratio, work, candidates)
+        over_masked = {
+            v: math.exp(model.predict_log_ratio(precision, batch, ratio, work, v))
+            for v in candidates
+            if v in model.variants()
+        }
+        layers.append({"layer": node.name, "work": work, "ratio": ratio, "over_masked": over_masked, "choice": choice})
     return {"mode": "auto", "precision": precision, "batch": batch, "model": model.measured, "layers": layers}
 
 

@@ -2,11 +2,13 @@
 
 `benchmarks/crossover.py` times single 3x3 channel NENNI layers in ONNX Runtime over a grid of widths, spatial
 sizes, batch sizes, essential ratios and precisions (float32, int8): the skipping body (gathered filters), the
-masked body (dense convolution, then select) and the dense convolution itself. For every (precision, batch,
-ratio) it fits log(t_skip / t_masked) = a + b * log(work), work = C_in * C_out * H_out * W_out per image (the
-dense layer's MACs over its kernel area): the skipping body's fixed costs (patches, operator launches, the
-fill) shrink relative to the layer as it widens. The fit is stored in `lowering_model.json` beside this file;
-`--channel-lowering auto` asks it, `--channel-lowering tune` still times each layer (`tune.py`).
+grouped body (static batch: one convolution group per sample), the masked body (dense convolution, then
+select) and the dense convolution itself. For every (variant, precision, batch, ratio) it fits
+log(t_variant / t_masked) = a + b * log(work), work = C_in * C_out * H_out * W_out per image (the dense layer's
+MACs over its kernel area): the skipping bodies' fixed costs (patches, operator launches, the fill) shrink
+relative to the layer as it widens. The fit is stored in `lowering_model.json` beside this file;
+`--channel-lowering auto` asks it for the fastest of masked, skip and (in static-batch exports) grouped;
+`--channel-lowering tune` still times skip and masked on each layer (`tune.py`).
 
 Between the measured ratios the prediction is interpolated linearly; outside them it takes the nearest. Batch
 sizes go to the nearest measured one on a log scale.
@@ -29,8 +31,9 @@ FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class Fit:
-    """log(t_skip / t_masked) = a + b * log(work) for one (precision, batch, ratio)."""
+    """log(t_variant / t_masked) = a + b * log(work) for one (variant, precision, batch, ratio)."""
 
+    variant: str  # skip or grouped
     precision: str
     batch: int
     ratio: float
@@ -44,7 +47,7 @@ class Fit:
 
     @property
     def crossover_work(self) -> float | None:
-        """The work above which the skipping body is predicted faster (None: never, or always)."""
+        """The work above which the variant is predicted faster than masked (None: never, or always)."""
         if self.b >= 0:
             return None
         return math.exp(-self.a / self.b)
@@ -56,10 +59,11 @@ class LoweringModel:
     measured: dict[str, Any] = field(default_factory=dict)  # machine, threads, settings of the benchmark
 
     # -- choosing ---------------------------------------------------------------------------------------------
-    def predict_log_ratio(self, precision: str, batch: int, ratio: float, work: float) -> float:
-        fits = [f for f in self.fits if f.precision == precision]
+    def predict_log_ratio(self, precision: str, batch: int, ratio: float, work: float, variant: str = "skip") -> float:
+        """Predicted log(t_variant / t_masked)."""
+        fits = [f for f in self.fits if f.precision == precision and f.variant == variant]
         if not fits:
-            raise NenniError(f"the channel lowering model has no measurements for {precision}")
+            raise NenniError(f"the channel lowering model has no measurements of {variant} in {precision}")
         batches = sorted({f.batch for f in fits})
         nearest = min(batches, key=lambda b: abs(math.log(b) - math.log(max(batch, 1))))
         by_ratio = sorted((f for f in fits if f.batch == nearest), key=lambda f: f.ratio)
@@ -73,16 +77,27 @@ class LoweringModel:
                 return (1 - t) * lo.log_ratio(work) + t * hi.log_ratio(work)
         raise AssertionError("unreachable")
 
-    def choose(self, precision: str, batch: int, ratio: float, work: float) -> str:
-        """ "skip" where the skipping body is predicted faster than the masked one, else "masked"."""
-        return "skip" if self.predict_log_ratio(precision, batch, ratio, work) < 0 else "masked"
+    def variants(self) -> set[str]:
+        return {f.variant for f in self.fits}
+
+    def choose(
+        self, precision: str, batch: int, ratio: float, work: float, candidates: tuple[str, ...] = ("skip",)
+    ) -> str:
+        """The lowering predicted fastest: "masked" or one of `candidates` (those the model has measured)."""
+        best, best_log = "masked", 0.0
+        for variant in candidates:
+            if variant in self.variants():
+                log_ratio = self.predict_log_ratio(precision, batch, ratio, work, variant)
+                if log_ratio < best_log:
+                    best, best_log = variant, log_ratio
+        return best
 
     # -- files ------------------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "feature": "work = C_in * C_out * H_out * W_out per image; log(t_skip / t_masked) = a + b * log(work)",
+            "feature": "work = C_in * C_out * H_out * W_out per image; log(t_variant / t_masked) = a + b log(work)",
             "measured": self.measured,
             "fits": [{**asdict(f), "crossover_work": f.crossover_work} for f in self.fits],
         }
@@ -91,7 +106,7 @@ class LoweringModel:
     def from_json(cls, data: dict[str, Any]) -> LoweringModel:
         if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
             raise NenniError(f"not a channel lowering model (format {data.get('format')!r})")
-        keys = ("precision", "batch", "ratio", "a", "b", "points", "misclassified")
+        keys = ("variant", "precision", "batch", "ratio", "a", "b", "points", "misclassified")
         return cls([Fit(**{k: f[k] for k in keys}) for f in data["fits"]], data.get("measured", {}))
 
     def save(self, path: str | Path) -> None:
@@ -109,16 +124,16 @@ def load_lowering_model(path: str | Path | None = None) -> LoweringModel:
 
 
 def fit_lowering_model(rows: list[dict[str, Any]], measured: dict[str, Any] | None = None) -> LoweringModel:
-    """Fit from benchmark rows: dicts with precision, batch, ratio, work, skip_ms and masked_ms."""
-    groups: dict[tuple[str, int, float], list[tuple[float, float]]] = {}
+    """Fit from benchmark rows: dicts with variant, precision, batch, ratio, work, ms and masked_ms."""
+    groups: dict[tuple[str, str, int, float], list[tuple[float, float]]] = {}
     for r in rows:
-        key = (str(r["precision"]), int(r["batch"]), float(r["ratio"]))
-        groups.setdefault(key, []).append((math.log(r["work"]), math.log(r["skip_ms"] / r["masked_ms"])))
+        key = (str(r["variant"]), str(r["precision"]), int(r["batch"]), float(r["ratio"]))
+        groups.setdefault(key, []).append((math.log(r["work"]), math.log(r["ms"] / r["masked_ms"])))
     fits = []
-    for (precision, batch, ratio), pts in sorted(groups.items()):
+    for (variant, precision, batch, ratio), pts in sorted(groups.items()):
         a, b = _line(pts)
         wrong = sum(1 for x, y in pts if (a + b * x < 0) != (y < 0))
-        fits.append(Fit(precision, batch, ratio, a, b, len(pts), wrong))
+        fits.append(Fit(variant, precision, batch, ratio, a, b, len(pts), wrong))
     return LoweringModel(fits, measured or {})
 
 
