@@ -249,3 +249,14 @@ def test_grouped_lowering_float_and_int8_with_a_static_batch():
     assert check_parity(model, check_proto(result.proto), X[:10]).relative_error < 0.03
     with pytest.raises(NenniError, match="--batch"):
         build_onnx(model, card, TINY_SHAPE, ExportOptions(channel_lowering="grouped"))
+
+
+def test_eval_replays_adversarial_images_on_the_int8_graph(digits_model, tmp_path):
+    out = tmp_path / "m8.onnx"
+    assert invoke("export", digits_model, "--int8", "--calib-n", "64", "--check-n", "64", "--out", out).exit_code == 0
+    js = tmp_path / "eval.json"
+    result = invoke("eval", out, "--source", digits_model, "--n", "8", "--eps", "0.1", "--attack", "pgd",
+                    "--steps", "2", "--threads", "1", "--json", js)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(js.read_text())
+    assert report["clean_agreement"] is not None and report["attacks"]
