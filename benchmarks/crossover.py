@@ -312,7 +312,7 @@ def main() -> None:
     print(table(rows))
     if args.model_out:
         measured = {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
             "cpu_vnni": cpu_has_vnni(),
             "threads": args.threads,
             "onnxruntime": ort.__version__,
@@ -329,6 +329,13 @@ def main() -> None:
         print(f"wrote {args.plot}")
 
 
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def _key(r: dict) -> tuple:
     return (r["precision"], r["batch"], r["cin"], r["cout"], r["h"], r["variant"], r["ratio"])
 
@@ -343,7 +350,7 @@ def _decision_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         key = (r["precision"], r["batch"], r["cin"], r["cout"], r["h"])
         if r["variant"] in ("skip", "grouped") and key in masked:
-            out.append({**r, "masked_ms": masked[key]})
+            out.append({**r, "positions": r["h"] * r["h"], "masked_ms": masked[key]})
     return out
 
 
@@ -366,6 +373,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], out: Path) -> None:
+    """Speed over the dense convolution against the layer width, one panel per precision and batch size, one
+    marker per spatial size; masked, and skip and grouped at the lowest and middle ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,18 +382,21 @@ def plot(rows: list[dict], out: Path) -> None:
 
     precisions = sorted({r["precision"] for r in rows})
     batches = sorted({r["batch"] for r in rows})
+    ratios = sorted({r["ratio"] for r in rows if r["ratio"] is not None})[:2]
+    shown = [("masked", None)] + [(v, q) for v in ("skip", "grouped") for q in ratios]
     fig, axes = plt.subplots(len(precisions), len(batches), figsize=(5.5 * len(batches), 4 * len(precisions)),
                              squeeze=False)  # fmt: skip
-    dense = {
-        (r["precision"], r["batch"], r["cin"], r["cout"], r["h"]): r["ms"] for r in rows if r["variant"] == "dense"
-    }
+    dense = {}
+    for r in rows:
+        if r["variant"] == "dense":
+            dense[(r["precision"], r["batch"], r["cin"], r["cout"], r["h"])] = r["ms"]
+    markers = dict(zip(sorted({r["h"] for r in rows}), "os^vDp", strict=False))
     for i, p in enumerate(precisions):
         for j, b in enumerate(batches):
             ax = axes[i][j]
-            series = sorted({(r["variant"], r["ratio"]) for r in rows if r["variant"] != "dense"}, key=str)
-            for n, (v, ratio) in enumerate(series):
+            for n, (v, ratio) in enumerate(shown):
                 pts = sorted(
-                    (r["work"], dense[(p, b, r["cin"], r["cout"], r["h"])] / r["ms"])
+                    (math.sqrt(r["cin"] * r["cout"]), dense[(p, b, r["cin"], r["cout"], r["h"])] / r["ms"], r["h"])
                     for r in rows
                     if r["precision"] == p
                     and r["batch"] == b
@@ -392,18 +404,20 @@ def plot(rows: list[dict], out: Path) -> None:
                     and r["ratio"] == ratio
                     and (p, b, r["cin"], r["cout"], r["h"]) in dense
                 )
-                if pts:
-                    style = {"skip": "-o", "masked": "--s", "grouped": ":^"}.get(v, "-")
-                    label = v if ratio is None else f"{v}, ratio {ratio:g}"
-                    ax.plot([q[0] for q in pts], [q[1] for q in pts], style, markersize=3, label=label, color=f"C{n}")
+                label = v if ratio is None else f"{v}, ratio {ratio:g}"
+                style = {"masked": "--", "skip": "-", "grouped": ":"}[v]
+                ax.plot([q[0] for q in pts], [q[1] for q in pts], style, color=f"C{n}", linewidth=0.8, label=label)
+                for x, y, h in pts:
+                    ax.plot([x], [y], markers[h], color=f"C{n}", markersize=3)
             ax.axhline(1.0, color="black", linewidth=0.8)
-            ax.set_xscale("log")
+            ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel("layer work C_in * C_out * H * W per image")
+            ax.set_xlabel("layer width sqrt(C_in C_out); marker = spatial size " +
+                          " ".join(f"{m}:{h}" for h, m in markers.items()))  # fmt: skip
             ax.set_ylabel("speed over the dense convolution")
             ax.set_title(f"{p}, batch {b}")
             ax.legend(fontsize=6)
-    fig.suptitle("3x3 channel NENNI layers in ONNX Runtime (above 1: faster than dense)", fontsize=9)
+    fig.suptitle("3x3 channel NENNI layers in ONNX Runtime, 2 threads (above 1: faster than dense)", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

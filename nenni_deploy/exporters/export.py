@@ -30,7 +30,7 @@ from ..nenni.cost import cost_report
 from ..nenni.layers import NenniLayer, ScaledConv2d, ScaledLinear, nenni_layers
 from . import graph, ops, tensorrt_check, tune
 from . import torch_ops as _torch_ops  # noqa: F401  (registers the custom ops)
-from .lowering_model import load_lowering_model
+from .lowering_model import Layer, load_lowering_model
 
 TARGETS = ("ort", "tensorrt")
 CHOOSERS = ("auto", "tune")  # --channel-lowering values that choose per layer
@@ -249,12 +249,13 @@ def build_onnx(
 
 def modelled_lowerings(proto: onnx.ModelProto, *, precision: str, batch: int, static: bool = False) -> dict[str, Any]:
     """The lowering model's choice for every channel NenniConv node (others keep the skipping body), with the
-    features it decided on: work = C_in * C_out * H_out * W_out per image (scaled by kh * kw / 9: the model was
-    measured on 3x3 layers) and the essential ratio K / C_out. `static`: the graph has a static batch size (of
-    `batch`), so the grouped body is a candidate too."""
+    features it decided on (width, output positions, the essential ratio K / C_out) and its predictions of each
+    candidate's time over the masked body's. `static`: the graph has a static batch size (of `batch`), so the
+    grouped body is a candidate too."""
     model = load_lowering_model()
     shapes = tune.value_shapes(proto)
     weights = {t.name: list(t.dims) for t in proto.graph.initializer}
+    candidates = ("skip", "grouped") if static else ("skip",)
     layers = []
     for node in graph.nenni_nodes(proto, (ops.CONV,)):
         w, out = weights.get(node.input[1]), shapes.get(node.output[0])
@@ -263,16 +264,25 @@ def modelled_lowerings(proto: onnx.ModelProto, *, precision: str, batch: int, st
         if not out or any(not isinstance(d, int) for d in out[2:]):
             raise NenniError(f"cannot choose a lowering for {node.name}: its output shape is unknown ({out})")
         n, c_in, kh, kw = w
-        work = c_in * n * out[2] * out[3] * kh * kw / 9
+        layer = Layer(c_in, n, out[2] * out[3], (kh, kw))
         ratio = int(graph.node_attr(node, "k", 1)) / n
-        candidates = ("skip", "grouped") if static else ("skip",)
-        choice = model.choose(precision, batch, ratio, work, candidates)
         over_masked = {
-            v: math.exp(model.predict_log_ratio(precision, batch, ratio, work, v))
+            v: math.exp(model.predict_log_ratio(precision, batch, ratio, layer, v))
             for v in candidates
             if v in model.variants()
         }
-        layers.append({"layer": node.name, "work": work, "ratio": ratio, "over_masked": over_masked, "choice": choice})
+        layers.append(
+            {
+                "layer": node.name,
+                "c_in": c_in,
+                "c_out": n,
+                "width": layer.width,
+                "positions": layer.positions,
+                "ratio": ratio,
+                "over_masked": over_masked,
+                "choice": model.choose(precision, batch, ratio, layer, candidates),
+            }
+        )
     return {"mode": "auto", "precision": precision, "batch": batch, "model": model.measured, "layers": layers}
 
 
