@@ -5,8 +5,8 @@ are timed interleaved in one loop, 2 threads by default:
 - dense:   the plain convolution (float32 Conv; int8: the QDQ group ORT fuses into QLinearConv);
 - masked:  the NENNI layer's masked body (prediction, selection, the dense convolution, select);
 - skip:    the NENNI layer's skipping body (shared patches, the K selected filters per sample, fill), per ratio;
-- grouped: a static-batch alternative for wide layers, one convolution group per sample over the gathered
-  filters (float32 Conv, int8 ConvInteger); only possible with a fixed batch size, so not an export option.
+- grouped: the static-batch body (`nenni export --batch N --channel-lowering grouped`): one convolution group
+  per sample over the gathered filters (float32 Conv, int8 ConvInteger).
 The NENNI bodies are the exporter's own (exporters.ops / ops_int8); k = C_out / 8 (at least 2).
 
 Writes ROWS (one JSON line per measurement; a rerun skips what is there), fits the decision model that
@@ -103,8 +103,10 @@ class Layer:
         )  # fmt: skip
         if int8:
             attrs.update(self.quant)
-            if lowering == "masked" and reduce_range:
+            if lowering == "masked" and reduce_range:  # u8 x s8 kernels (QLinearConv)
                 attrs["w_bits"] = 7
+        if lowering == "grouped":
+            attrs["batch"] = batch  # the graph's static batch: one convolution group per sample
         node = helper.make_node("NenniConv", ["X", "W", "B", "P", "Wa", "Ba"], ["Y", ""], domain=ops.DOMAIN, **attrs)
         node.overload = ops.overload_name("channel", "signed", (3, 3), lowering, int8=int8)
         inits = {"W": self.w, "B": self.b, "P": self.p, "Wa": self.wa, "Ba": self.ba}
@@ -134,74 +136,6 @@ class Layer:
             "ys": np.float32(q["y_scale"]), "yz": np.uint8(q["y_zero_point"]),
         }  # fmt: skip
         return _model(nodes, inits, shape)
-
-    def grouped(self, batch: int, ratio: float, int8: bool) -> onnx.ModelProto:
-        """Static batch: the prediction as in the masked body, the exact path as one grouped convolution."""
-        B, C, n, H, K, L = batch, self.cin, self.cout, self.h, max(1, round(ratio * self.cout)), self.h * self.h
-        c = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(v), name))  # noqa: E731
-        nodes = [
-            helper.make_node("Conv", ["X", "P"], ["u"], pads=[1, 1, 1, 1]),
-            helper.make_node("Conv", ["u", "Wa4", "Ba"], ["pred"]),
-            c("rax", np.array([2, 3], np.int64)),
-            helper.make_node("ReduceMean", ["pred", "rax"], ["cs"], keepdims=0),
-            c("kk", np.array([K], np.int64)),
-            helper.make_node("TopK", ["cs", "kk"], ["tv", "idx"], axis=1, sorted=0),
-            c("xs1", np.array([1, B * C, H, H], np.int64)),
-            helper.make_node("Reshape", ["X", "xs1"], ["xg"]),
-            c("ws1", np.array([B * K, C, 3, 3], np.int64)),
-        ]
-        inits = {"W": self.w, "B": self.b, "P": self.p, "Wa4": self.wa[:, :, None, None], "Ba": self.ba}
-        if not int8:
-            nodes += [
-                helper.make_node("Gather", ["W", "idx"], ["wsel"], axis=0),
-                helper.make_node("Reshape", ["wsel", "ws1"], ["wg"]),
-                helper.make_node("Gather", ["B", "idx"], ["bsel"], axis=0),
-                c("bs1", np.array([B * K], np.int64)),
-                helper.make_node("Reshape", ["bsel", "bs1"], ["bg"]),
-                helper.make_node("Conv", ["xg", "wg", "bg"], ["eg"], pads=[1, 1, 1, 1], group=B),
-                c("es", np.array([B, K, L], np.int64)),
-                helper.make_node("Reshape", ["eg", "es"], ["ex"]),
-            ]
-        else:
-            ws = np.abs(self.w).reshape(n, -1).max(1) / 127
-            inits.update(
-                Wu=(np.round(self.w / ws[:, None, None, None]) + 128).astype(np.uint8),
-                scale=(ws * self.quant["x_scale"]).astype(np.float32), xs=np.float32(self.quant["x_scale"]),
-                xz=np.uint8(0), wz=np.uint8(128),
-            )  # fmt: skip
-            nodes += [
-                helper.make_node("QuantizeLinear", ["xg", "xs", "xz"], ["xq"]),
-                helper.make_node("Gather", ["Wu", "idx"], ["wsel"], axis=0),
-                helper.make_node("Reshape", ["wsel", "ws1"], ["wg"]),
-                helper.make_node("ConvInteger", ["xq", "wg", "xz", "wz"], ["acc"], pads=[1, 1, 1, 1], group=B),
-                c("es", np.array([B, K, L], np.int64)),
-                helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
-                helper.make_node("Reshape", ["accf", "es"], ["ex0"]),
-                helper.make_node("Gather", ["scale", "idx"], ["ssel"], axis=0),
-                helper.make_node("Gather", ["B", "idx"], ["bsel"], axis=0),
-                c("ax2", np.array([2], np.int64)),
-                helper.make_node("Unsqueeze", ["ssel", "ax2"], ["ssel3"]),
-                helper.make_node("Unsqueeze", ["bsel", "ax2"], ["bsel3"]),
-                helper.make_node("Mul", ["ex0", "ssel3"], ["ex1"]),
-                helper.make_node("Add", ["ex1", "bsel3"], ["ex"]),
-            ]
-        nodes += [
-            c("pf_s", np.array([B, n, L], np.int64)),
-            helper.make_node("Reshape", ["pred", "pf_s"], ["pf"]),
-            c("rows", np.stack([np.repeat(np.arange(B), K).reshape(B, K)], -1).astype(np.int64)),
-            helper.make_node("Unsqueeze", ["idx", "ax3"], ["idx3"]),
-            c("ax3", np.array([2], np.int64)),
-            helper.make_node("Concat", ["rows", "idx3"], ["nd"], axis=2),
-            helper.make_node("ScatterND", ["pf", "nd", "ex"], ["yf"]),
-            c("ys_", np.array([B, n, H, H], np.int64)),
-            helper.make_node("Reshape", ["yf", "ys_"], ["Y"]),
-        ]
-        return _model(_topo(nodes), inits, (B, C, H, H))
-
-
-def _topo(nodes):
-    """Constants first (the hand-written lists name some before defining them)."""
-    return [n for n in nodes if n.op_type == "Constant"] + [n for n in nodes if n.op_type != "Constant"]
 
 
 def _uint8(prefix: str, lo: float, hi: float) -> dict:
@@ -294,7 +228,7 @@ def main() -> None:
                     elif v == "skip":
                         models[(v, r)] = layer.nenni(batch, r, "skip", int8, reduce_range)
                     elif v == "grouped":
-                        models[(v, r)] = layer.grouped(batch, r, int8)
+                        models[(v, r)] = layer.nenni(batch, r, "grouped", int8, reduce_range)
                 sessions = {k: session(m, args.threads) for k, m in models.items()}
                 x = np.random.default_rng(1).random((batch, cin, h, h), dtype=np.float32)
                 load = other_load(0.2)
