@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Inside the venv, so a recreated venv is reinstalled; remade whenever the dependencies change.
 STAMP := $(VENV)/.nenni-installed
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-slow lint
 
 install: $(STAMP)
 
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml | $(PY)
 demo: install
 	$(VENV)/bin/nenni demo
 
+# The quick suite (a few minutes on two cores); the slow tests (full CIFAR-10 runs, the whole zoo, the docs'
+# examples) run in CI: `make test-slow`.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -114,7 +114,7 @@ def main() -> None:
             bench_json = args.out / f"{tag}-b{batch}.bench.json"
             if not bench_json.exists():
                 models = [f for v, f in files.items() if v != "fp32-dense"]
-                timing = ["--batch", batch, "--duration", args.duration, "--threads", args.threads, "--quiet"]
+                timing = ["--batch", batch, "--duration", args.duration, "--threads", args.threads, "--no-progress"]
                 nenni("bench", *models, "--baseline", files["fp32-dense"], *timing, "--json", bench_json)
             report = json.loads(bench_json.read_text())
             b = report["batches"][0]

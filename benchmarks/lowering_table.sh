@@ -19,7 +19,7 @@ for LOWERING in skip masked auto tune; do
     [ -f "$OUT/$LOWERING.onnx" ] || $NENNI export "$DIR" --out "$OUT/$LOWERING.onnx" --check-n 32 \
         --data-dir "$SHARED/data/cifar10" --channel-lowering "$LOWERING" --tune-batch 64 --tune-threads 2
     [ -f "$OUT/$LOWERING.bench.json" ] || $NENNI bench "$OUT/$LOWERING.onnx" --baseline "$OUT/dense.onnx" \
-        --batch 1 --batch 64 --duration 4 --threads 2 --profile --quiet --json "$OUT/$LOWERING.bench.json" \
+        --batch 1 --batch 64 --duration 4 --threads 2 --profile --no-progress --json "$OUT/$LOWERING.bench.json" \
         --plot "$OUT/$LOWERING.bench.png"
 done
 python3 - "$OUT" <<'PY'

@@ -135,7 +135,7 @@ def main() -> None:
                 args.duration,
                 "--threads",
                 args.threads,
-                "--quiet",
+                "--no-progress",
                 "--json",
                 str(bench_json),
             )

@@ -17,11 +17,13 @@ docs/api.md walks through every stage.
 from __future__ import annotations
 
 from .app.calibrate import CalibrateConfig, CalibrationResult, calibrate
+from .app.evaluate import TargetSpec, evaluate_target, open_target
 from .app.export import CheckReport, ExportReport, check_onnx, export_onnx
 from .app.finetune import FinetuneConfig, FinetuneResult, finetune
 from .app.train import TrainRun, train_model
 from .data import Dataset, DataSpec, load_dataset, subset
 from .errors import NenniError
+from .evaluation.api import EvalConfig, EvalReport, settings_for
 from .exporters.export import ExportOptions
 from .models.source import ModelSource
 from .nenni.config import NenniConfig
@@ -35,6 +37,8 @@ __all__ = [
     "CalibrationResult",
     "CheckReport",
     "DataSpec",
+    "EvalConfig",
+    "EvalReport",
     "Dataset",
     "ExportOptions",
     "ExportReport",
@@ -46,16 +50,20 @@ __all__ = [
     "NenniConfig",
     "NenniError",
     "TrainConfig",
+    "TargetSpec",
     "TrainRun",
     "calibrate",
     "check_onnx",
+    "evaluate_target",
     "export_onnx",
     "finetune",
     "load_dataset",
     "load_model",
     "load_model_dir",
     "open_model_dir",
+    "open_target",
     "save_model_dir",
+    "settings_for",
     "subset",
     "train_model",
 ]

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The one place that decides where the shared data and weights are; NENNI_SHARED moves them.
@@ -34,3 +35,12 @@ def cifar10_dir() -> Path:
 def weights_dir() -> Path:
     """The folder with the pretrained CIFAR-10 checkpoints (`akamaster/`, `abcrown/`)."""
     return _shared_path("weights/cifar10")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from two threads and lose a lot when other jobs share the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

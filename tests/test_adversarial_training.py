@@ -21,13 +21,7 @@ from nenni_deploy.training import Adversarial, TrainConfig, fast_at, make_method
 from nenni_deploy.training import checkpoint as ckpt
 from nenni_deploy.training.methods import mart_loss, resolve_slim_layers, trades_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy_data(n: int = 96):

@@ -162,3 +162,19 @@ def test_feature_objective_drives_the_chosen_layer_away_from_its_clean_features(
 def test_feature_objective_names_a_missing_layer():
     with pytest.raises(NenniError, match="no layer named"):
         feature_objective("nope", torch.zeros(1))(tiny_net(), *batch(2))
+
+
+def test_autoattack_iterations_follow_the_packages_own_schedule():
+    """set_iterations copies APGD's derived schedule; this fails when pyautoattack renames or re-derives it."""
+    from pyautoattack import AutoAttack
+    from pyautoattack.autopgd_base import APGDAttack
+
+    from nenni_deploy.attacks.autoattack import APGD_SCHEDULE, set_iterations
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    adversary = AutoAttack(net, eps=0.1, norm="Linf", version="standard", seed=0)
+    set_iterations(adversary, 37)
+    built = APGDAttack(net, n_iter=37, eps=0.1, norm="Linf")
+    for attack in (adversary.apgd, adversary.apgd_targeted):
+        assert {n: getattr(attack, n) for n in APGD_SCHEDULE} == {n: getattr(built, n) for n in APGD_SCHEDULE}
+    assert adversary.fab.n_iter == 37 and built.n_iter_2 == max(int(0.22 * 37), 1)

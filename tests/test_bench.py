@@ -112,7 +112,7 @@ def test_cli_writes_json_and_plot(models, tmp_path):
         str(out),
         "--plot",
         str(png),
-        "--quiet",
+        "--no-progress",
     ]
     result = CliRunner().invoke(main, ["bench", *args])
     assert result.exit_code == 0, result.output
@@ -167,3 +167,27 @@ def test_settings_out_of_range(bad):
 def test_inputs_are_seeded(models):
     a = run_bench(models[1], None, BenchSettings(**{**FAST, "batches": (1,)}), progress=False)
     assert a["settings"]["seed"] == 0 and np.isfinite(a["batches"][0]["models"]["model"]["mean_ms"])
+
+
+def test_a_baseline_must_be_the_candidates_dense_base(tmp_path):
+    """Shapes and the dense-base hash that exports record: an unrelated model is refused unless --force."""
+    from test_export_support import DIGITS_SHAPE, small_cnn_nenni
+
+    model, card = tiny_nenni("channel")
+    mine = {**card, "base_weights_sha256": "a" * 64}
+    other = {**card, "base_weights_sha256": "b" * 64}
+    nenni, same, foreign = tmp_path / "n.onnx", tmp_path / "d.onnx", tmp_path / "x.onnx"
+    export_to_file(model, mine, TINY_SHAPE, nenni, ExportOptions())
+    export_to_file(model, mine, TINY_SHAPE, same, ExportOptions(dense=True))
+    export_to_file(model, other, TINY_SHAPE, foreign, ExportOptions(dense=True))
+    settings = BenchSettings(**{**FAST, "batches": (1,)})
+    assert run_bench(nenni, same, settings, progress=False)["pairing"]["verified"]
+    with pytest.raises(NenniError, match="dense-base hashes differ"):
+        run_bench(nenni, foreign, settings, progress=False)
+    assert run_bench(nenni, foreign, settings, progress=False, force=True)["pairing"]["forced"]
+    digits_model, digits_card = small_cnn_nenni()[:2]
+    wrong_shape = tmp_path / "digits.onnx"
+    export_to_file(digits_model, digits_card, DIGITS_SHAPE, wrong_shape, ExportOptions(dense=True))
+    args = ["bench", str(nenni), "--baseline", str(wrong_shape), "--iterations", "2", "--rounds", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "inputs differ (3x12x12 vs 1x8x8)" in result.output, result.output

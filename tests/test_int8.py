@@ -190,7 +190,7 @@ def test_export_check_predict_and_bench_on_int8(digits_model, tmp_path):
     assert invoke("export", digits_model, "--dense", "--out", dense, "--check-n", "32").exit_code == 0
     bench_json = tmp_path / "bench.json"
     bench = invoke("bench", out, dense, "--baseline", dense, "--batch", "2", "--warmup", "0", "--iterations", "4",
-                   "--rounds", "2", "--threads", "1", "--quiet", "--json", bench_json)  # fmt: skip
+                   "--rounds", "2", "--threads", "1", "--no-progress", "--json", bench_json)  # fmt: skip
     assert bench.exit_code == 0, bench.output
     assert "GBitOPs/img" in bench.output and "% of BitOPs-ideal" in bench.output
     report = json.loads(bench_json.read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -363,3 +364,20 @@ def test_streaming_fit_matches_the_cached_graph_walk():
         torch.testing.assert_close(la.approx_weight, lb.approx_weight)
         assert la.spec.threshold == pytest.approx(lb.spec.threshold)
     torch.testing.assert_close(a(x), b(x))
+
+
+def test_mode_strings_are_checked_where_they_enter():
+    net = tiny_net()
+    specs = convert(net, NenniConfig())
+    layer = nenni_layers(net)[specs[0].name]
+    for attr, good in (("mode", "exact"), ("execution", "skip"), ("gradient", "approx")):
+        setattr(layer, attr, good)
+        with pytest.raises(ValueError, match=f"NenniLayer.{attr} must be one of"):
+            setattr(layer, attr, "typo")
+        assert getattr(layer, attr) == good
+    copied = copy.deepcopy(layer)
+    assert (copied.mode, copied.execution, copied.gradient) == ("exact", "skip", "approx")
+    with pytest.raises(NenniError, match="rank must be one of"):
+        LayerSpec.from_dict({**specs[0].to_dict(), "rank": "magnitudes"})
+    with pytest.raises(ValueError, match="rank must be signed or magnitude"):
+        selection.ranking_score(torch.zeros(1, 2), "auto")

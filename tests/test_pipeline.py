@@ -111,9 +111,10 @@ def test_demo_dry_run_prints_the_real_commands(tmp_path):
     result = invoke("demo", "--dry-run", "--out", tmp_path / "d")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert [line.split()[1] for line in lines] == [
+    assert [line.split()[1] for line in lines if line.startswith("  nenni ")] == [
         "train", "calibrate", "finetune", "export", "export", "check", "bench", "eval", "eval",
     ]  # fmt: skip
+    assert [line for line in lines if line.startswith("[")][0] == "[train] would run"
     assert not (tmp_path / "d").exists()
 
 
@@ -151,6 +152,9 @@ def test_pipeline_runs_every_stage_and_reports_their_numbers(tmp_path):
     again = invoke("pipeline", config)
     assert again.exit_code == 0, again.output
     assert again.output.count("skipped (--force reruns it)") == len(STAGES)
+    assert "up to date" in again.output and "total time" not in again.output
+    dry = invoke("pipeline", config, "--dry-run")
+    assert dry.output.count("a run now skips it") == len(STAGES), dry.output
     assert json.loads((out / "summary.json").read_text())["robustness"] == summary["robustness"]
 
     # Changing one stage's options reruns that stage and every later one, not the earlier ones.
@@ -210,3 +214,21 @@ def test_builtin_cifar10_config_runs_on_the_shared_checkpoint(tmp_path, monkeypa
     nenni_eval = json.loads((tmp_path / "r4b" / "eval-nenni.json").read_text())
     assert nenni_eval["target"]["randomised"]
     assert "autoattack-rand" in nenni_eval["attacks"] and any(n.startswith("eot") for n in nenni_eval["attacks"])
+
+
+@pytest.mark.parametrize(
+    "model, data, message",
+    [
+        ('arch = "small_cnn"\nweights = "{tmp}/missing.safetensors"', 'name = "digits"', "is not a file"),
+        ('arch = "small_cnn"\nweights = "{tmp}/w.safetensors"', 'name = "{tmp}/no-such-folder"', "neither digits"),
+        ('arch = "{tmp}/gone.py:build"\nweights = "{tmp}/w.safetensors"', 'name = "digits"', "gone.py"),
+    ],
+)
+def test_config_paths_are_checked_before_the_first_stage(tmp_path, model, data, message):
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    config = tmp_path / "c.toml"
+    body = f'out = "{tmp_path}/run"\n[model]\n{model}\n[data]\n{data}\n[calibrate]\nratio = 0.5\n'
+    config.write_text(body.replace("{tmp}", str(tmp_path)))
+    result = invoke("pipeline", config)
+    assert_one_line_error(result)
+    assert message in result.output and not (tmp_path / "run").exists()

@@ -29,14 +29,7 @@ from nenni_deploy.training import (
 )
 from nenni_deploy.training import checkpoint as ckpt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from two threads and lose a lot when other jobs share the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- schedule -----------------------------------------------------------------------------------------------
@@ -115,15 +108,19 @@ def test_trainable_selectors_pick_the_right_parameters():
     net = _nenni_tiny()
     layers = nenni_layers(net)
     approx = {f"{n}.{p}" for n in layers for p in ("approx_weight", "approx_bias")}
-    everything = {n for n, _ in net.named_parameters()}
+    scales = {n for n, _ in net.named_parameters() if n.endswith(".scale")}
+    assert "block.conv1.exact.scale" in scales
+    everything = {n for n, _ in net.named_parameters()} - scales
     assert set(select_trainable(net, "approx")) == approx
     base = set(select_trainable(net, "base"))
     assert base == everything - approx
     assert {"conv1.weight", "linear.weight", "block.conv1.exact.weight", "block.conv1.exact.bias"} <= base
-    assert not any(p.requires_grad for n, p in net.named_parameters() if n in approx)
+    assert not any(p.requires_grad for n, p in net.named_parameters() if n in approx | scales)
     assert set(select_trainable(net, "both")) == everything
+    assert set(select_trainable(net, "both", train_scale=True)) == everything | scales
+    assert set(select_trainable(net, "approx", train_scale=True)) == approx
     buffers = {n for n, _ in net.named_buffers()}
-    assert {"block.conv1.proj", "block.conv1.exact.scale"} <= buffers and not buffers & everything
+    assert "block.conv1.proj" in buffers and not buffers & everything
 
 
 def test_weight_decay_only_on_conv_and_linear_weights():

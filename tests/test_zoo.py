@@ -204,7 +204,6 @@ def test_users_model_through_the_python_api(tmp_path, case):
     train, test = nd.load_dataset(str(folder), "train"), nd.load_dataset(str(folder), "test")
     assert test.input_shape == ((1, 8, 8) if case == "dense" else (3, 10, 14))
     model = nd.load_model(f"{ZOO / file}:build", weights=tmp_path / "weights.pt", kwargs=kwargs, data=train)
-    model.data = nd.DataSpec.create(str(folder))
     calibration = nd.calibrate(model, train, test, nd.CalibrateConfig(nd.NenniConfig(ratio=0.5), calib_n=512))
     assert calibration.calibration.dense_accuracy == pytest.approx(own_accuracy(module, *arrays["test"]))
     assert json.dumps(calibration.to_json())

@@ -197,8 +197,8 @@ def check_onnx(
     """PyTorch against ONNX Runtime on (x, y): the NENNI model for a NENNI export, its dense base for a dense one,
     within the tolerance of the file's precision (`runtime.parity`; `min_agreement` overrides its bound)."""
     loaded = load_onnx_checked(onnx_path, require_functions=False)
-    dense_export = loaded.metadata.get("nenni.dense") == "true" or not loaded.is_nenni
-    module, _ = export_module_of(model, dense_export)
+    # A --dense export holds the model's dense base; any other export holds the model itself (a pruned one too).
+    module, _ = export_module_of(model, loaded.metadata.get("nenni.dense") == "true")
     recorded = loaded.metadata.get("nenni.weights_sha256")
     weights_match = recorded == model.card.get("weights_sha256") if recorded and model.card else None
     parity = check_parity(module, loaded, x, y, batch_size=batch_size, threads=threads)

@@ -7,6 +7,7 @@ re-measured with the new weights: they set the noise level of `--noise gaussian`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -20,13 +21,15 @@ from typing import Any
 from ..data import Dataset
 from ..errors import NenniError
 from ..metrics import accuracy
+from ..nenni.allocation import AllocationConfig, AllocationResult, reallocate
 from ..nenni.config import NenniConfig
+from ..nenni.convert import fold_batchnorm
 from ..nenni.io import save_model_dir
 from ..nenni.layers import nenni_layers, set_mode
-from ..nenni.model import Model
+from ..nenni.model import Model, open_model_dir
 from ..training import TrainConfig, TrainResult, measure_fit, steps_per_epoch, train
 from ..training.checkpoint import load_model
-from ..training.methods import Method, MethodConfig, method_record
+from ..training.methods import Distill, Method, MethodConfig, check_teacher, dense_base_teacher, method_record
 from ..training.refit import calibration_batches
 from .calibrate import check_data
 
@@ -36,16 +39,31 @@ AUTO_MIN_STEPS = 600  # `epochs=None`: enough epochs for this many optimiser ste
 AUTO_MIN_EPOCHS = 2
 
 
+TEACHERS = ("auto", "dense-base", "none")  # or a model directory
+
+
 @dataclass
 class FinetuneConfig:
+    """Fine-tuning: the loop and its schedules (`train`), the method, distillation and the budget allocation."""
+
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=None, lr=0.01))
     method: MethodConfig = field(default_factory=MethodConfig)
+    # Distillation: auto is the dense base for --method standard, none for adversarial methods; or a directory.
+    teacher: str = "auto"
+    distill_alpha: float = 0.9
+    distill_temperature: float = 4.0
+    distill_features: float = 0.0  # weight of matching each NENNI layer's output to the teacher's exact one
+    allocation: AllocationConfig | None = None  # re-allocate per-layer ratio and k under a budget first
     eval_n: int | None = None  # test images evaluated before and after (None: all)
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.eval_n is not None and self.eval_n < 1:
             raise NenniError(f"--eval-n must be >= 1, got {self.eval_n}")
+        if self.teacher not in TEACHERS and not Path(self.teacher).is_dir():
+            raise NenniError(
+                f"--teacher must be {', '.join(TEACHERS)} or a model directory; {self.teacher} does not exist"
+            )
 
 
 def auto_epochs(n_train: int, config: TrainConfig) -> int:
@@ -63,6 +81,7 @@ class FinetuneResult:
     record: dict[str, Any]
     fit_stats: dict[str, dict[str, float]]
     nenni_config: NenniConfig
+    allocation: AllocationResult | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -118,11 +137,31 @@ def finetune(
         raise NenniError(f"{model.label} has no NENNI layers: calibrate it first (`nenni calibrate`)")
     check_data(model, train_set)
     nenni_config = NenniConfig.from_dict(model.card["nenni"]) if model.card.get("nenni") else NenniConfig()
+    input_shape = train_set.input_shape
+    method = config.method.build(model.module, input_shape)
+    teacher, teacher_name = resolve_teacher(config.teacher, model, method, input_shape)
+    allocation = None
+    if config.allocation is not None:
+        alloc = config.allocation
+        if alloc.cache is None:  # kept with the run: a resumed run does not measure again
+            alloc = dataclasses.replace(alloc, cache=str(Path(run_dir) / "sensitivity.json"))
+        module, nenni_config, allocation = reallocate(model.module, nenni_config, alloc, train_set.x, train_set.y)
+        model = Model(module, model.source, "nenni", model.data, model.path, model.card)
+    if teacher is not None:
+        features = tuple(nenni_layers(model.module)) if config.distill_features else ()
+        method = Distill(
+            teacher,
+            alpha=config.distill_alpha,
+            temperature=config.distill_temperature,
+            feature_weight=config.distill_features,
+            feature_layers=features,
+            label_smoothing=config.train.label_smoothing,
+            teacher_name=teacher_name,
+        )
     train_config = config.train
     if train_config.epochs is None:
         train_config = dataclasses.replace(train_config, epochs=auto_epochs(len(train_set), train_config))
     train_config = dataclasses.replace(train_config, refit_ridge=nenni_config.ridge)
-    method = config.method.build(model.module, train_set.input_shape)
     if config.method.validation_images:
         train_config = dataclasses.replace(train_config, best_metric="pgd_acc")
     eval_n = config.eval_n or len(test_set)
@@ -162,6 +201,7 @@ def finetune(
         "data": model.data.name if model.data else None,
         "method": method.name,
         "method_settings": method_record(method),
+        "allocation": allocation.to_json() if allocation is not None else None,
         "trainable": train_config.trainable,
         "epochs": result.epoch,
         "steps": result.step,
@@ -181,8 +221,36 @@ def finetune(
     }
     tuned = Model(model.module, model.source, "nenni", model.data, model.path, model.card)
     return FinetuneResult(
-        tuned, result, method, dataclasses.replace(config, train=train_config), record, stats, nenni_config
+        tuned, result, method, dataclasses.replace(config, train=train_config), record, stats, nenni_config, allocation
     )
+
+
+def resolve_teacher(teacher: str, model: Model, method: Method, input_shape: tuple[int, ...]):
+    """The frozen distillation teacher and its name, or (None, None).
+
+    `dense-base` is the dense model this one was made from, with its batch norms folded so that its layers carry
+    the NENNI layers' names and outputs (for feature distillation); a directory must hold the same architecture.
+    """
+    if teacher == "none" or (teacher == "auto" and method.name != "standard"):
+        return None, None
+    if method.name != "standard":
+        raise NenniError(f"--teacher distils with --method standard only, not {method.name}")
+    if teacher in ("auto", "dense-base"):
+        base = model.base()
+        module = fold_batchnorm(copy.deepcopy(base.module)) if base.sha256 else dense_base_teacher(model.module)
+        name = "dense-base"
+    else:
+        other = open_model_dir(teacher)
+        if other.source.label != model.source.label:
+            raise NenniError(f"teacher {teacher} is a {other.source.label}, the model a {model.source.label}")
+        module = copy.deepcopy(other.module)
+        set_mode(module, "exact")
+        check_teacher(model.module, module, input_shape, what=str(teacher))
+        name = str(teacher)
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module, name
 
 
 def save_keeping_run(out: Path, run_dir: Path, module, **kwargs: Any) -> Path:

@@ -10,6 +10,10 @@ from torch import nn
 from ..errors import NenniError
 
 VERSIONS = ("standard", "rand", "custom")
+# What set_iterations reaches into: APGD derives its step-size checkpoints from n_iter in __init__ and the
+# package has no setter. Tested with pyautoattack 0.2 (pinned in pyproject.toml); tests/test_attacks_core.py
+# fails if a release renames or re-derives them.
+APGD_SCHEDULE = ("n_iter", "n_iter_orig", "n_iter_2", "n_iter_min", "size_decr")
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 NORMS = {"linf": "Linf", "l2": "L2"}
 
@@ -55,14 +59,7 @@ def autoattack(
     if iterations is not None:
         if iterations < 1:
             raise NenniError(f"AutoAttack iterations must be >= 1, got {iterations}")
-        for attack in (adversary.apgd, adversary.apgd_targeted, adversary.fab):
-            attack.n_iter = int(iterations)
-            if hasattr(attack, "n_iter_2"):
-                # APGD derives its step-size checkpoints from n_iter in __init__: recompute them the same way.
-                attack.n_iter_orig = int(iterations)
-                attack.n_iter_2 = max(int(0.22 * iterations), 1)
-                attack.n_iter_min = max(int(0.06 * iterations), 1)
-                attack.size_decr = max(int(0.03 * iterations), 1)
+        set_iterations(adversary, int(iterations))
     # Its per-attack debug lines would interleave with our progress bars; its warnings are kept for the report.
     collected = _Collect()
     adversary.logger.setLevel(logging.WARNING)
@@ -82,3 +79,17 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(" ".join(record.getMessage().split()))
+
+
+def set_iterations(adversary, iterations: int) -> None:
+    """Run AutoAttack's APGD and FAB for `iterations` instead of the package's 100 (a cheaper, weaker run).
+
+    The step-size schedule is taken from a fresh APGD the package itself builds with that many iterations, so
+    it follows the package's own rules; only the attributes in APGD_SCHEDULE are copied."""
+    from pyautoattack.autopgd_base import APGDAttack
+
+    reference = APGDAttack(adversary.model, n_iter=iterations, eps=adversary.epsilon, norm=adversary.norm)
+    for attack in (adversary.apgd, adversary.apgd_targeted):
+        for name in APGD_SCHEDULE:
+            setattr(attack, name, getattr(reference, name))
+    adversary.fab.n_iter = iterations

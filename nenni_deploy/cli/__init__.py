@@ -15,6 +15,7 @@ COMMANDS = (
     "info",
     "train",
     "finetune",
+    "prune",
     "export",
     "predict",
     "check",

@@ -8,7 +8,7 @@ import click
 
 from ..errors import NenniError
 from ..tables import format_table
-from .options import json_option, write_json
+from .options import json_option, progress_option, write_json
 
 
 @click.command(name="bench")
@@ -60,7 +60,10 @@ from .options import json_option, write_json
     default=None,
     help="Write a PNG: latency distributions and speedup vs batch size.",
 )
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option(
+    "--force", is_flag=True, help="Time against a --baseline that is not this model's dense base (shapes or hashes)."
+)
+@progress_option()
 def command(
     model_paths,
     baseline_path,
@@ -75,7 +78,8 @@ def command(
     seed,
     json_path,
     plot_path,
-    quiet,
+    force,
+    progress,
 ):
     """Time MODEL_PATHS (.onnx files, e.g. a float and an int8 export) and, with --baseline, the dense model
     beside them: latency next to each file's MACs and BitOPs as it runs (float32 or int8) and the fraction of
@@ -95,7 +99,7 @@ def command(
         profile=profile,
         seed=seed,
     )
-    report = run_bench(list(model_paths), baseline_path, settings, progress=not quiet)
+    report = run_bench(list(model_paths), baseline_path, settings, progress=progress, force=force)
     click.echo(summary_text(report))
     if json_path:
         write_json(json_path, report)

@@ -58,6 +58,13 @@ def _split_patterns(text: str | None) -> list[str] | None:
     metavar="PATTERN=RATIO",
     help="Per-layer essential ratio by name pattern (repeatable), e.g. 'layer3.*=0.75'.",
 )
+@click.option(
+    "--layer-proj-dim",
+    "layer_proj_dims",
+    multiple=True,
+    metavar="PATTERN=K",
+    help="Per-layer projection size k by name pattern (repeatable), e.g. 'layer3.*=n/4'.",
+)
 @click.option("--include", default=None, help="Comma-separated name patterns of layers to convert.")
 @click.option("--exclude", default=None, help="Comma-separated name patterns of layers to leave dense.")
 @click.option("--ridge", type=float, default=1e-4, show_default=True, help="Relative ridge penalty of the fit.")
@@ -86,6 +93,7 @@ def command(data_name, data_dir, image_size, out, threads, batch_size, seed, jso
         include=_split_patterns(kw.pop("include")),
         exclude=_split_patterns(kw.pop("exclude")) or [],
         ratios=_parse_layer_ratios(kw.pop("layer_ratios")),
+        proj_dims=_parse_pairs(kw.pop("layer_proj_dims"), "--layer-proj-dim", "PATTERN=K", "layer3.*=n/4"),
         seed=seed,
         ridge=kw.pop("ridge"),
     )
@@ -101,13 +109,28 @@ def command(data_name, data_dir, image_size, out, threads, batch_size, seed, jso
 
 
 def _parse_layer_ratios(items: tuple[str, ...]) -> dict[str, float]:
-    ratios = {}
+    pairs = _parse_pairs(items, "--layer-ratio", "PATTERN=RATIO", "layer3.*=0.75")
+    try:
+        return {pattern: float(value) for pattern, value in pairs.items()}
+    except ValueError:
+        bad = next(f"{p}={v}" for p, v in pairs.items() if not _is_float(v))
+        raise NenniError(f"--layer-ratio takes PATTERN=RATIO (e.g. 'layer3.*=0.75'), got {bad!r}") from None
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _parse_pairs(items: tuple[str, ...], option: str, form: str, example: str) -> dict[str, str]:
+    """PATTERN=VALUE pairs of a repeatable option; each value is checked where the config resolves it."""
+    pairs = {}
     for item in items:
         pattern, sep, value = item.rpartition("=")
-        try:
-            ratios[pattern] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not pattern:
-            raise NenniError(f"--layer-ratio takes PATTERN=RATIO (e.g. 'layer3.*=0.75'), got {item!r}")
-    return ratios
+        if not sep or not pattern or not value.strip():
+            raise NenniError(f"{option} takes {form} (e.g. '{example}'), got {item!r}")
+        pairs[pattern] = value.strip()
+    return pairs

@@ -7,13 +7,19 @@ from pathlib import Path
 import click
 
 from .options import (
+    DISTILL_OPTION_FIELDS,
+    SCHEDULE_OPTION_FIELDS,
+    allocation_options,
     apply_threads,
     data_options,
+    distill_options,
     json_option,
     method_options,
+    pop_allocation,
     pop_method,
     pop_train_config,
     progress_option,
+    schedule_options,
     training_options,
     write_json,
 )
@@ -37,6 +43,9 @@ from .train import check_writable_dir, epoch_line, init_distributed
     "--refit-every", type=int, default=0, show_default=True, help="Refit the approximators every N epochs (0 = never)."
 )
 @click.option("--refit-n", type=int, default=1024, show_default=True, help="Training images used by each refit.")
+@distill_options()
+@schedule_options()
+@allocation_options()
 @click.option("--eval-n", type=int, default=None, help="Test images to evaluate before and after (default all).")
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model directory to write."
@@ -55,10 +64,21 @@ def command(
     the highest PGD validation accuracy.
     """
     from ..app.finetune import TRAIN_SUBDIR, FinetuneConfig, finetune
+    from ..nenni.allocation import format_allocation
     from ..nenni.model import data_for, open_model_dir
 
-    train_config = pop_train_config(options, trainable=trainable, refit_every=refit_every, refit_images=refit_n)
-    config = FinetuneConfig(train_config, pop_method(options), eval_n=eval_n, progress=progress)
+    schedule = {name: options.pop(name) for name in SCHEDULE_OPTION_FIELDS}
+    train_config = pop_train_config(
+        options, trainable=trainable, refit_every=refit_every, refit_images=refit_n, **schedule
+    )
+    config = FinetuneConfig(
+        train_config,
+        pop_method(options),
+        **{name: options.pop(name) for name in DISTILL_OPTION_FIELDS},
+        allocation=pop_allocation(options),
+        eval_n=eval_n,
+        progress=progress,
+    )
     apply_threads(train_config.threads)
     rank = init_distributed()
     model = open_model_dir(model_dir)
@@ -74,22 +94,18 @@ def command(
         config,
         run_dir,
         resume=resume,
-        on_epoch=lambda r: click.echo(epoch_line(r, result_epochs(config, train_set))),
+        on_epoch=lambda r: click.echo(epoch_line(r)),
     )
     if rank != 0:
         return  # rank 0 writes the model directory
+    if result.allocation is not None:
+        click.echo(format_allocation(result.allocation))
     if result.result.resumed_from is not None:
         click.echo(f"resumed after epoch {result.result.resumed_from} from {run_dir}")
     result.save(out)
     click.echo(summary_line(result, out))
     if json_path:
         write_json(json_path, result.to_json())
-
-
-def result_epochs(config, train_set) -> int:
-    from ..app.finetune import auto_epochs
-
-    return config.train.epochs or auto_epochs(len(train_set), config.train)
 
 
 def summary_line(result, out: Path) -> str:

@@ -174,9 +174,7 @@ def model_and_data(kwargs: dict[str, Any], data_name, data_dir, image_size):
         data_name = model_info(arch).dataset
     spec = data_for(None, data_name, data_dir, image_size)
     train, test = spec.load("train"), spec.load("test")
-    model = pop_model(kwargs, data=train)
-    model.data = spec
-    return model, spec, train, test
+    return pop_model(kwargs, data=train), spec, train, test
 
 
 def json_option():
@@ -351,3 +349,136 @@ def pop_method(kwargs: dict[str, Any]):
     from ..training.methods import MethodConfig
 
     return MethodConfig(**{name: kwargs.pop(name) for name in METHOD_OPTION_FIELDS})
+
+
+# -- compression recipes: distillation, schedules, budget allocation (nenni finetune) ------------------------------
+def distill_options():
+    return _compose(
+        click.option(
+            "--teacher",
+            default="auto",
+            show_default=True,
+            help="Distillation teacher: dense-base (the dense model this one was made from), a model directory of "
+            "the same architecture, or none; auto: dense-base for --method standard, none otherwise.",
+        ),
+        click.option(
+            "--distill-alpha", type=float, default=0.9, show_default=True, help="Weight of the KL term (1 - CE's)."
+        ),
+        click.option("--distill-temperature", type=float, default=4.0, show_default=True, help="Softmax temperature."),
+        click.option(
+            "--distill-features",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="Weight of feature distillation: each NENNI layer's output against the teacher's (0 = off).",
+        ),
+    )
+
+
+DISTILL_OPTION_FIELDS = ("teacher", "distill_alpha", "distill_temperature", "distill_features")
+
+
+def schedule_options():
+    """NENNI fine-tuning schedules (TrainConfig fields)."""
+    return _compose(
+        click.option(
+            "--anneal-epochs",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="Lower the essential ratio linearly from 1.0 to each layer's target over this many epochs.",
+        ),
+        click.option(
+            "--approx-lr-scale",
+            type=float,
+            default=1.0,
+            show_default=True,
+            help="The approximators' learning rate as a multiple of --lr.",
+        ),
+        click.option(
+            "--train-scale/--no-train-scale",
+            default=False,
+            show_default=True,
+            help="Also train the folded batch-norm factor of every exact layer (in its unfolded parametrisation).",
+        ),
+        click.option(
+            "--scale-lr-scale",
+            type=float,
+            default=0.1,
+            show_default=True,
+            help="With --train-scale: the scales' learning rate as a multiple of --lr.",
+        ),
+    )
+
+
+SCHEDULE_OPTION_FIELDS = ("anneal_epochs", "approx_lr_scale", "train_scale", "scale_lr_scale")
+
+ALLOCATION_OPTION_FIELDS = (
+    "budget_macs",
+    "budget_bitops",
+    "alloc_ratios",
+    "alloc_proj_dims",
+    "alloc_images",
+    "alloc_max_loss",
+    "sensitivity_cache",
+)
+
+
+def allocation_options():
+    return _compose(
+        click.option(
+            "--budget-macs",
+            type=float,
+            default=None,
+            help="Re-allocate each layer's ratio and k to use at most this fraction of the dense MACs, "
+            "maximising predicted accuracy (per-layer sensitivity, knapsack).",
+        ),
+        click.option("--budget-bitops", type=float, default=None, help="The same under a BitOPs budget."),
+        click.option(
+            "--alloc-ratios",
+            default="0.125,0.25,0.375,0.5,0.625,0.75",
+            show_default=True,
+            help="Candidate essential ratios for the allocation.",
+        ),
+        click.option("--alloc-proj-dims", default="n/8,n/4", show_default=True, help="Candidate projection sizes k."),
+        click.option(
+            "--alloc-images", type=int, default=512, show_default=True, help="Training images the sensitivity uses."
+        ),
+        click.option(
+            "--alloc-max-loss",
+            type=float,
+            default=None,
+            help="A layer whose loss rises more than this at a candidate never takes it (too sensitive).",
+        ),
+        click.option(
+            "--sensitivity-cache",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="Sensitivity JSON to reuse (refused if from another model); default OUT/train/sensitivity.json.",
+        ),
+    )
+
+
+def pop_allocation(kwargs: dict[str, Any]):
+    """The AllocationConfig from the options, or None without a budget."""
+    from ..nenni.allocation import AllocationConfig
+
+    v = {name: kwargs.pop(name) for name in ALLOCATION_OPTION_FIELDS}
+    if v["budget_macs"] is not None and v["budget_bitops"] is not None:
+        raise NenniError("give one of --budget-macs and --budget-bitops, not both")
+    if v["budget_macs"] is None and v["budget_bitops"] is None:
+        return None
+    metric = "macs" if v["budget_macs"] is not None else "bitops"
+    try:
+        ratios = tuple(float(r) for r in v["alloc_ratios"].split(",") if r.strip())
+    except ValueError:
+        raise NenniError(f"--alloc-ratios must be comma-separated numbers, got {v['alloc_ratios']!r}") from None
+    return AllocationConfig(
+        budget=v[f"budget_{metric}"],
+        metric=metric,
+        ratios=ratios,
+        proj_dims=tuple(k.strip() for k in v["alloc_proj_dims"].split(",") if k.strip()),
+        images=v["alloc_images"],
+        max_loss_increase=v["alloc_max_loss"],
+        cache=str(v["sensitivity_cache"]) if v["sensitivity_cache"] else None,
+    )

@@ -41,22 +41,30 @@ def run(config, force: bool, dry_run: bool, out: Path | None, threads: int | Non
     from dataclasses import replace
 
     from ..pipeline import load_config, run_pipeline, summarise, write_report
-    from ..pipeline.stages import STAGES, Layout
+    from ..pipeline.config import check_paths
+    from ..pipeline.stages import plan_stages
 
     cfg = load_config(config)
     if out is not None:
         cfg = replace(cfg, out=out)
     if threads is not None:
         cfg = replace(cfg, threads=threads)
-    commands = [args for stage in STAGES if stage.enabled(cfg) for args in stage.commands(cfg, Layout(cfg.out))]
-    for args in commands:
-        preflight(args)
+    check_paths(cfg)
+    planned = plan_stages(cfg, force)
+    for item in planned:
+        for args in item.commands:
+            preflight(args)
     if dry_run:
-        for args in commands:
-            click.echo("nenni " + " ".join(args))
+        for item in planned:
+            what = "done earlier with the same arguments: a run now skips it" if item.skip else "would run"
+            click.echo(f"[{item.stage.name}] {what}")
+            for args in item.commands:
+                click.echo("  nenni " + " ".join(args))
         return {}
     start = time.perf_counter()
     stages = run_pipeline(cfg, invoke_command, force=force, echo=click.echo)
+    if all(s["status"] == "skipped" for s in stages.values()):
+        click.echo(f"up to date: every stage ran earlier with the same arguments ({cfg.out}; --force reruns them)")
     summary = summarise(cfg, stages, time.perf_counter() - start)
     _, report = write_report(cfg, summary)
     click.echo("")

@@ -9,28 +9,33 @@ from pathlib import Path
 import click
 
 from ..errors import NenniError
-from .options import json_option, write_json
+from .options import data_options, json_option, write_json
 
 
-def dataset_for(loaded, data_name: str | None) -> str:
-    """--data, else the data set recorded in the model's metadata, else the one its architecture is built for."""
+def data_for_onnx(metadata: dict[str, str], data_name, data_dir, image_size):
+    """--data, else the data set the export records (its folder, its resize), else the architecture's own."""
+    import json
+
+    from ..data import DataSpec
+    from ..models import list_models, model_info
+
     if data_name:
-        return data_name
-    recorded = loaded.metadata.get("nenni.dataset")
-    if recorded:
-        return recorded
-    arch = loaded.metadata.get("nenni.arch")
-    if arch:
-        from ..models import model_info
-
-        return model_info(arch).dataset
+        return DataSpec.create(data_name, data_dir, image_size)
+    try:
+        recorded = DataSpec.from_dict(json.loads(metadata.get("nenni.data") or "{}"))
+    except (json.JSONDecodeError, TypeError):
+        recorded = None
+    if recorded is not None:
+        return DataSpec.create(recorded.name, data_dir or recorded.dir, image_size or recorded.image_size)
+    arch = metadata.get("nenni.arch")
+    if arch in list_models():
+        return DataSpec.create(model_info(arch).dataset, data_dir, image_size)
     raise NenniError("the model records no data set: pass --data")
 
 
 @click.command(name="predict")
 @click.argument("model_path", type=click.Path(path_type=Path))
-@click.option("--data", "data_name", type=click.Choice(["digits", "cifar10"]), default=None, help="Data set.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="CIFAR-10 folder.")
+@data_options()
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--n", "count", type=click.IntRange(1), default=None, help="Only the first N images.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
@@ -38,14 +43,27 @@ def dataset_for(loaded, data_name: str | None) -> str:
 @click.option("--inter-op-threads", type=click.IntRange(1, 256), default=None)
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=256, show_default=True)
 @json_option()
-def command(model_path, data_name, data_dir, split, count, provider, threads, inter_op_threads, batch_size, json_path):
+def command(
+    model_path,
+    data_name,
+    data_dir,
+    image_size,
+    split,
+    count,
+    provider,
+    threads,
+    inter_op_threads,
+    batch_size,
+    json_path,
+):
     """Accuracy of MODEL_PATH (an .onnx file) on a data set, with ONNX Runtime."""
-    from ..data import load_dataset, subset
+    from ..data import subset
     from ..runtime import OrtRunner, RuntimeFallbackWarning, accuracy, load_onnx_checked, predict_dataset
 
     loaded = load_onnx_checked(model_path)
-    name = dataset_for(loaded, data_name)
-    ds = load_dataset(name, split, data_dir)
+    spec = data_for_onnx(loaded.metadata, data_name, data_dir, image_size)
+    name = spec.name
+    ds = spec.load(split)
     if count:
         ds = subset(ds, count)
     runner = OrtRunner(loaded, provider=provider, threads=threads, inter_op_threads=inter_op_threads)

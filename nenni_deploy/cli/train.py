@@ -62,7 +62,7 @@ def command(data_name, data_dir, image_size, out, progress, json_path, resume, *
         method=method,
         resume=resume,
         progress=progress,
-        on_epoch=lambda record: click.echo(epoch_line(record, config.epochs)),
+        on_epoch=lambda record: click.echo(epoch_line(record)),
         weights_label=str(weights) if weights else None,
     )
     if rank != 0:
@@ -95,18 +95,23 @@ def init_distributed() -> int:
 
 
 def check_writable_dir(path: Path) -> None:
-    """Fail before any work if the output directory cannot be created."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NenniError(f"cannot create output directory {path}: {exc.strerror or exc}") from None
+    """Fail before any work if the output directory cannot be created (without creating it: a later error must
+    leave nothing behind)."""
+    import os
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NenniError(f"cannot create output directory {path}: a file of that name exists")
+    existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise NenniError(f"cannot create output directory {path}: {existing} is not a writable folder")
 
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f} %"
 
 
-def epoch_line(record: dict[str, Any], epochs: int) -> str:
+def epoch_line(record: dict[str, Any]) -> str:
     extras = [
         f"{k} {v:.4g}"
         for k, v in record.items()
@@ -114,7 +119,7 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
     ]
     return "  ".join(
         [
-            f"epoch {record['epoch']}/{epochs}",
+            f"epoch {record['epoch']}/{record['epochs']}",
             f"loss {record['train_loss']:.4f}",
             f"train {_pct(record['train_acc'])}",
             f"val {_pct(record.get('val_acc'))}",

@@ -476,10 +476,12 @@ def run_bench(
     settings: BenchSettings,
     *,
     progress: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """The whole benchmark: every batch size, every model and the baseline interleaved round by round, optional
     profile; a JSON-ready report. `model_path` is one file or several (each gets its speedup over the baseline).
-    """
+
+    A baseline must be the same classifier's dense form as every model (`check_pair`) unless `force`."""
     settings.validate()
     paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
     if not paths:
@@ -496,10 +498,45 @@ def run_bench(
     models = list(subjects)
     subjects += [baseline] if baseline else []
     try:
-        return _run(models, baseline, subjects, settings, progress)
+        pairings = {m.label: check_pair(m, baseline, force=force) for m in models} if baseline else None
+        report = _run(models, baseline, subjects, settings, progress)
+        if pairings is not None:
+            report["pairing"] = pairings[models[0].label]  # the first model's, as in schema 1
+            report["pairings"] = pairings
+        return report
     finally:
         for s in subjects:
             s.close()
+
+
+def _output_width(subject: Subject) -> int | None:
+    if subject.loaded is None:
+        return None
+    dims = subject.loaded.proto.graph.output[0].type.tensor_type.shape.dim
+    return dims[-1].dim_value if len(dims) == 2 and dims[-1].HasField("dim_value") else None
+
+
+def check_pair(model: Subject, baseline: Subject, *, force: bool = False) -> dict[str, Any]:
+    """A speedup means something only against the same classifier: the same input and output shapes, and the
+    baseline's weights must be the dense model the candidate was made from (the hashes exports record)."""
+    problems = []
+    shapes = [s.input_shape(1)[1:] for s in (model, baseline)]
+    if shapes[0] != shapes[1]:
+        problems.append(f"inputs differ ({'x'.join(map(str, shapes[0]))} vs {'x'.join(map(str, shapes[1]))})")
+    widths = [_output_width(s) for s in (model, baseline)]
+    if None not in widths and widths[0] != widths[1]:
+        problems.append(f"outputs differ ({widths[0]} vs {widths[1]} classes)")
+    base = model.metadata.get("nenni.base_weights_sha256") or ""
+    theirs = {baseline.metadata.get("nenni.base_weights_sha256") or ""}
+    if baseline.metadata.get("nenni.kind", "dense") == "dense" and baseline.metadata.get("nenni.dense") != "true":
+        theirs.add(baseline.metadata.get("nenni.weights_sha256") or "")
+    theirs.discard("")
+    verified = bool(base and theirs)
+    if verified and base not in theirs:
+        problems.append("the baseline is not the dense model the candidate was made from (dense-base hashes differ)")
+    if problems and not force:
+        raise NenniError(f"--baseline {baseline.path} does not match {model.path}: {'; '.join(problems)} (--force)")
+    return {"verified": verified and not problems, "forced": bool(problems), "problems": problems}
 
 
 def _run(

@@ -19,12 +19,31 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             [
                 label,
                 round(report["clean_accuracy"], 2),
-                *(round(report["attacks"][n]["accuracy"][label], 2) for n in names),
+                *(_cell(report["attacks"][n]["accuracy"].get(label)) for n in names),
                 round(worst["accuracy"], 2) if worst else None,
                 worst.get("attack"),
             ]
         )
     return headers, rows
+
+
+def _cell(value: float | None) -> float | str:
+    return "-" if value is None else round(value, 2)  # "-": the row does not apply at this budget
+
+
+def query_lines(report: dict[str, Any]) -> list[str]:
+    """For each query-based attack and eps: the median queries of the images it broke, and how many it broke
+    within 10, 100, ... queries."""
+    lines = []
+    for name, r in report["attacks"].items():
+        for label, q in (r.get("queries") or {}).items():
+            median = q["median_queries_broken"]
+            within = ", ".join(f"{v:.1f} % within {int(k):,}" for k, v in q["success_by_queries"].items())
+            lines.append(
+                f"{name} eps {label}: broke {q['broken']} of {q['attacked']} images, median "
+                f"{'-' if median is None else f'{median:g}'} queries; {within}"
+            )
+    return lines
 
 
 def write_plot(path: Path, report: dict[str, Any]) -> None:
@@ -38,7 +57,8 @@ def write_plot(path: Path, report: dict[str, Any]) -> None:
     xs = report["eps_values"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, r in report["attacks"].items():
-        ax.plot(xs, [r["accuracy"][e] for e in labels], marker="o", lw=1, alpha=0.8, label=name)
+        points = [(v, r["accuracy"][e]) for v, e in zip(xs, labels, strict=True) if e in r["accuracy"]]
+        ax.plot(*zip(*points, strict=True), marker="o", lw=1, alpha=0.8, label=name)
     ax.plot(xs, [report["worst_case"][e] for e in labels], color="black", lw=3, marker="s", label="worst case")
     ax.axhline(report["clean_accuracy"], color="grey", ls="--", lw=1, label="clean")
     ax.set_xticks(xs, labels)

@@ -21,8 +21,11 @@ from ..nenni.layers import nenni_layers
 from .targets import Target, TorchModel
 
 ATTACKS = ("pgd", "autoattack", "bpda", "eot", "pgd-cs", "transfer")
+# Attacks that need nothing but the deployed model's outputs (evaluation.blackbox builds their rows).
+QUERY_ATTACKS = ("square", "hsj")
 TRANSFER_METHODS = ("pgd", "mifgsm", "di", "mi-di")
-FAMILIES = {"pgd": "white-box", "autoattack": "white-box", "bpda": "adaptive", "eot": "adaptive"}
+# Families that differentiate the target's own PyTorch model: the masking checks compare the others to these.
+GRADIENT_FAMILIES = ("white-box", "adaptive", "feature")
 
 # (x, y, eps) -> (adversarial x, warnings)
 Craft = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, list[str]]]
@@ -46,10 +49,12 @@ class Settings:
     diversity: float = 0.5
     seed: int = 0
     batch_size: int = 250
+    queries: int = 5000  # Square's budget per image
+    p_init: float = 0.8  # Square's initial square size (AutoAttack's)
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.restarts < 1 or self.eot < 1 or self.transfer_steps < 1:
-            raise NenniError("steps, restarts, eot samples and transfer steps must each be >= 1")
+        if self.steps < 1 or self.restarts < 1 or self.eot < 1 or self.transfer_steps < 1 or self.queries < 1:
+            raise NenniError("steps, restarts, eot samples, transfer steps and queries must each be >= 1")
         unknown = sorted(set(self.transfer_methods) - set(TRANSFER_METHODS))
         if unknown or not self.transfer_methods:
             raise NenniError(f"transfer methods must be from {', '.join(TRANSFER_METHODS)}, got {unknown or 'none'}")
@@ -72,19 +77,24 @@ def _config(pgd: PGD, /, **extra: Any) -> dict[str, Any]:
 @dataclass
 class Row:
     name: str
-    family: str  # white-box, adaptive, feature, transfer
+    family: str  # white-box, adaptive, feature, transfer, score-based, replay
     config: dict[str, Any]
     craft: Craft
     uses_eot: bool = False
+    # craft also takes start= (the chunk's first index) and progress= (round, images left, queries spent), and
+    # may return a third element: per-image information kept with the result (e.g. queries)
+    context: bool = False
+    min_eps: float | None = None  # the row applies only at budgets at least this (a replayed file's budget)
 
 
 def parse_attacks(text: str | None) -> list[str] | None:
     if text is None:
         return None
     names = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [n for n in names if n not in ATTACKS]
+    known = ATTACKS + QUERY_ATTACKS
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise NenniError(f"unknown attack {', '.join(unknown) or '(none)'}; choose from {', '.join(ATTACKS)}")
+        raise NenniError(f"unknown attack {', '.join(unknown) or '(none)'}; choose from {', '.join(known)}")
     return list(dict.fromkeys(names))
 
 
@@ -126,7 +136,7 @@ def plan(
     src = target.source
     random = target.randomised
     eot = settings.eot if random else 1
-    white_box = [a for a in attacks if a != "transfer"]
+    white_box = [a for a in attacks if a != "transfer" and a not in QUERY_ATTACKS]
     if white_box and src is None:
         raise NenniError(
             f"{', '.join(white_box)} attack the PyTorch model: give --source MODEL_DIR (the model directory "
@@ -134,6 +144,8 @@ def plan(
         )
     via = "exact" if target.nenni else None  # NENNI's top-k hides gradients: feature attacks go through BPDA
     for attack in attacks:
+        if attack in QUERY_ATTACKS:
+            continue  # built by evaluation.blackbox
         if attack == "pgd":
             for loss in ("ce", "margin"):
                 make = lambda eps, loss=loss: settings.pgd(eps, loss=loss)  # noqa: E731

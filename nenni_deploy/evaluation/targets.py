@@ -18,7 +18,8 @@ from ..errors import NenniError
 from ..nenni.layers import nenni_layers, set_mode
 
 
-def _sha(*parts: str) -> str:
+def identity_hash(*parts: str) -> str:
+    """One sha256 over the parts: what identifies a model or an attack in cache keys."""
     h = hashlib.sha256()
     for p in parts:
         h.update(p.encode())
@@ -49,7 +50,7 @@ class TorchModel:
         """The base model with the same weights: every NENNI layer computes its exact layer."""
         module = copy.deepcopy(self.module)
         set_mode(module, "exact")
-        return TorchModel(module.eval(), f"{self.label} (dense base)", _sha(self.identity, "dense"), self.arch)
+        return TorchModel(module.eval(), f"{self.label} (dense base)", identity_hash(self.identity, "dense"), self.arch)
 
 
 @dataclass
@@ -125,11 +126,13 @@ def load_torch_model(spec: str | os.PathLike, *, weights: Path | None = None, de
             raise NenniError(f"--weights is for an architecture name; {path} is a model directory with its own")
         model = open_model_dir(path)
         card = model.card
-        identity = _sha("model-dir", card["weights_sha256"], card.get("projection_sha256") or "")
+        identity = identity_hash("model-dir", card["weights_sha256"], card.get("projection_sha256") or "")
         if dense and model.kind != "dense":
             base = model.base()
             label = f"{path} (dense base)"
-            return TorchModel(base.module.eval(), label, _sha(identity, "dense", base.sha256 or ""), model.source.label)
+            return TorchModel(
+                base.module.eval(), label, identity_hash(identity, "dense", base.sha256 or ""), model.source.label
+            )
         return TorchModel(model.module, str(path), identity, model.source.label)
     from ..models import list_models
     from ..models.entrypoint import looks_like_entrypoint
@@ -147,7 +150,7 @@ def load_torch_model(spec: str | os.PathLike, *, weights: Path | None = None, de
     if not Path(weights).is_file():
         raise NenniError(f"--weights {weights}: no such file")
     model = load_model(name, weights=weights)
-    identity = _sha("registry", name, _file_sha(Path(weights)))
+    identity = identity_hash("registry", name, _file_sha(Path(weights)))
     return TorchModel(model.module, f"{model.source.label} ({Path(weights).name})", identity, name)
 
 
@@ -189,7 +192,7 @@ def _onnx_target(path: Path, source: Path | None, weights: Path | None) -> Targe
         src = load_torch_model(source, dense=exported_dense)
         _check_source(path, meta, Path(source))
     dataset = meta.get("nenni.dataset") or _recorded_dataset(None, meta.get("nenni.arch"))
-    identity = _sha("onnx", _file_sha(path), src.identity if src else "")
+    identity = identity_hash("onnx", _file_sha(path), src.identity if src else "")
     return Target(str(path), "onnx", identity, dataset, src, onnx=loaded, onnx_randomised=loaded.noise_nodes > 0)
 
 
@@ -209,7 +212,8 @@ def _check_source(path: Path, meta: dict[str, str], source: Path) -> None:
 
 def load_surrogates(specs: list[str], target: Target) -> list[TorchModel]:
     """`base` (the dense model with the target's weights), a model directory (NENNI or its `DIR:dense` base),
-    or `ARCH=WEIGHTS` (an independent model from the zoo or a checkpoint)."""
+    or `ARCH=WEIGHTS` (an independent model: a registered architecture or an entry point `file.py:fn`, with a
+    checkpoint)."""
     out = []
     for spec in specs:
         if spec == "base":
@@ -223,12 +227,15 @@ def load_surrogates(specs: list[str], target: Target) -> list[TorchModel]:
         if "=" in spec:
             arch, _, w = spec.partition("=")
             model = load_torch_model(arch.strip(), weights=Path(w.strip()))
-            model.label = arch.strip()
+            module, sep, func = arch.strip().rpartition(":")
+            model.label = f"{Path(module).stem}:{func}" if sep else arch.strip()
         else:
             dense = spec.endswith(":dense")
             d = spec[: -len(":dense")] if dense else spec
             if not Path(d).is_dir():
-                raise NenniError(f"surrogate {spec!r}: use 'base', a model directory or ARCH=WEIGHTS")
+                raise NenniError(
+                    f"surrogate {spec!r}: use 'base', a model directory, ARCH=WEIGHTS or file.py:fn=WEIGHTS"
+                )
             model = load_torch_model(d, dense=dense)
             model.label = Path(d).name + (":dense" if dense else "")
         out.append(model)

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -190,8 +191,19 @@ def trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int, b
     except NenniError:
         raise
     except Exception as exc:  # the exporter raises many kinds; one line names the failing stage
-        raise NenniError(f"torch.onnx.export failed: {first_line(exc)}") from exc
+        raise NenniError(f"torch.onnx.export failed{_user_code_location(exc)}: {first_line(exc)}") from exc
     return program.model
+
+
+def _user_code_location(exc: BaseException) -> str:
+    """Where in the model's own code the exporter gave up: the last frame it reports outside torch."""
+    text = "".join(str(e) for e in (exc, exc.__cause__) if e is not None)
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', text)
+    frames = [f for f in frames if "/torch/" not in f[0] and "/nenni_deploy/" not in f[0]]
+    if not frames:
+        return ""
+    file, line, func = frames[-1]
+    return f" at {Path(file).name}:{line} ({func})"
 
 
 def tidy(model: ir.Model) -> onnx.ModelProto:

@@ -83,16 +83,16 @@ def cnn_a(num_classes: int = 10) -> nn.Sequential:
 _ABCROWN = dict(family="abcrown", input_shape=(3, 32, 32), num_classes=10, dataset="cifar10")
 
 
-@register_model("resnet2b", **_ABCROWN)
+@register_model("resnet2b", **_ABCROWN, checkpoints="alpha-beta-CROWN models/cifar10: resnet2b.pth")
 def resnet2b(num_classes: int = 10) -> ResNetB:
     return ResNetB(8, (16,), num_classes)
 
 
-@register_model("resnet4b", **_ABCROWN)
+@register_model("resnet4b", **_ABCROWN, checkpoints="alpha-beta-CROWN models/cifar10: resnet4b.pth")
 def resnet4b(num_classes: int = 10) -> ResNetB:
     return ResNetB(16, (32, 32), num_classes)
 
 
-@register_model("cnn_a_adv", **_ABCROWN)
+@register_model("cnn_a_adv", **_ABCROWN, checkpoints="alpha-beta-CROWN models/cifar10: cnn_a_adv.model")
 def cnn_a_adv(num_classes: int = 10) -> nn.Sequential:
     return cnn_a(num_classes)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -62,7 +61,7 @@ def _read(path: Path) -> Any:
             raise NenniError(f"cannot read safetensors checkpoint {path}: {first_line(exc)}") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+    except Exception as exc:  # a file that is not a checkpoint fails inside the unpickler in arbitrary ways
         raise NenniError(_describe_torch_load_error(path, exc)) from exc
 
 
@@ -76,7 +75,12 @@ def _describe_torch_load_error(path: Path, exc: BaseException) -> str:
         )
     # torch wraps the real cause in several lines of advice; keep only the cause.
     cause = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    detail = cause.group(1) if cause else first_line(exc)
+    if cause:
+        detail = cause.group(1)
+    elif isinstance(exc, (KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError)):
+        detail = "its bytes are not a pickled state dict"  # the unpickler's own message is a bare number
+    else:
+        detail = first_line(exc)
     return f"cannot read checkpoint {path} (corrupt or not a torch file): {detail}"
 
 

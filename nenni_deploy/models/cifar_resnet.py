@@ -84,28 +84,29 @@ def _kaiming_init(module: nn.Module) -> None:
 
 
 _CIFAR_RESNET = dict(family="cifar_resnet", input_shape=(3, 32, 32), num_classes=10, dataset="cifar10")
+_AKAMASTER = "akamaster/pytorch_resnet_cifar10: {} (a dict with state_dict, DataParallel prefix)"
 
 
-@register_model("resnet20", **_CIFAR_RESNET)
+@register_model("resnet20", **_CIFAR_RESNET, checkpoints=_AKAMASTER.format("resnet20-12fca82f.th"))
 def resnet20(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(3, num_classes)
 
 
-@register_model("resnet32", **_CIFAR_RESNET)
+@register_model("resnet32", **_CIFAR_RESNET, checkpoints=_AKAMASTER.format("resnet32-d509ac18.th"))
 def resnet32(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(5, num_classes)
 
 
-@register_model("resnet44", **_CIFAR_RESNET)
+@register_model("resnet44", **_CIFAR_RESNET, checkpoints=_AKAMASTER.format("resnet44-014dd654.th"))
 def resnet44(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(7, num_classes)
 
 
-@register_model("resnet56", **_CIFAR_RESNET)
+@register_model("resnet56", **_CIFAR_RESNET, checkpoints=_AKAMASTER.format("resnet56-4bfd9763.th"))
 def resnet56(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(9, num_classes)
 
 
-@register_model("resnet110", **_CIFAR_RESNET)
+@register_model("resnet110", **_CIFAR_RESNET, checkpoints=_AKAMASTER.format("resnet110-1d1ed7c2.th"))
 def resnet110(num_classes: int = 10) -> CifarResNet:
     return CifarResNet(18, num_classes)

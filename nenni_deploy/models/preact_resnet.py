@@ -55,6 +55,13 @@ class PreActResNet(nn.Module):
         return self.linear(out)
 
 
-@register_model("preact_resnet18", family="preact_resnet", input_shape=(3, 32, 32), num_classes=10, dataset="cifar10")
+@register_model(
+    "preact_resnet18",
+    family="preact_resnet",
+    input_shape=(3, 32, 32),
+    num_classes=10,
+    dataset="cifar10",
+    checkpoints="locuslab/robust_overfitting: model_best.pth or any model_<epoch>.pth",
+)
 def preact_resnet18(num_classes: int = 10) -> PreActResNet:
     return PreActResNet((2, 2, 2, 2), num_classes)

@@ -27,6 +27,7 @@ class ModelInfo:
     num_classes: int
     dataset: str
     default_pre_residual: str
+    checkpoints: str = ""  # the published checkpoints it loads as they are, and their file names
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,11 +45,12 @@ def register_model(
     num_classes: int,
     dataset: str,
     default_pre_residual: str = "magnitude",
+    checkpoints: str = "",
 ) -> Callable[[ModelFactory], ModelFactory]:
     """Register `factory(num_classes=..., **kwargs) -> nn.Module` under `name`."""
     if default_pre_residual not in PRE_RESIDUAL_RULES:
         raise ValueError(f"default_pre_residual must be one of {PRE_RESIDUAL_RULES}, not {default_pre_residual!r}")
-    info = ModelInfo(name, family, tuple(input_shape), num_classes, dataset, default_pre_residual)
+    info = ModelInfo(name, family, tuple(input_shape), num_classes, dataset, default_pre_residual, checkpoints)
 
     def decorator(factory: ModelFactory) -> ModelFactory:
         if name in _FACTORIES:

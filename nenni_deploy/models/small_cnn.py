@@ -37,6 +37,13 @@ class SmallCNN(nn.Module):
         return self.linear(out)
 
 
-@register_model("small_cnn", family="small_cnn", input_shape=(1, 8, 8), num_classes=10, dataset="digits")
+@register_model(
+    "small_cnn",
+    family="small_cnn",
+    input_shape=(1, 8, 8),
+    num_classes=10,
+    dataset="digits",
+    checkpoints="none published: `nenni train --arch small_cnn` writes RUN_DIR/weights.safetensors",
+)
 def small_cnn(num_classes: int = 10) -> SmallCNN:
     return SmallCNN(num_classes)

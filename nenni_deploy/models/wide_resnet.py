@@ -94,6 +94,13 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-@register_model("wide_resnet34_10", family="wide_resnet", input_shape=(3, 32, 32), num_classes=10, dataset="cifar10")
+@register_model(
+    "wide_resnet34_10",
+    family="wide_resnet",
+    input_shape=(3, 32, 32),
+    num_classes=10,
+    dataset="cifar10",
+    checkpoints="yaodongyu/TRADES: model_cifar_wrn.pt",
+)
 def wide_resnet34_10(num_classes: int = 10, sub_block1: bool = True) -> WideResNet:
     return WideResNet(34, 10, num_classes, sub_block1=sub_block1)

@@ -13,6 +13,15 @@ from ..errors import NenniError, dataclass_from_dict
 GRANULARITIES = ("element", "threshold", "nm", "channel")
 NOISE_MODES = ("none", "gaussian")
 RANK_MODES = ("auto", "signed", "magnitude")
+RANKS = ("signed", "magnitude")  # what "auto" resolves to, per layer
+KINDS = ("conv", "linear")
+
+
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> str:
+    """Every mode string is checked where it enters: a typo must never fall through to a default branch."""
+    if value not in choices:
+        raise NenniError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def parse_nm(text: str | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -72,6 +81,12 @@ class LayerSpec:
     fit_rel_error: float | None = None
     residual_rms: float | None = None
 
+    def __post_init__(self) -> None:
+        check_choice(self.kind, KINDS, f"layer {self.name}: kind")
+        check_choice(self.granularity, GRANULARITIES, f"layer {self.name}: granularity")
+        check_choice(self.rank, RANKS, f"layer {self.name}: rank")
+        check_choice(self.noise, NOISE_MODES, f"layer {self.name}: noise")
+
     @property
     def essential(self) -> int:
         """K: essential neurons per position (element, nm) or channels per sample (channel)."""
@@ -103,6 +118,7 @@ class NenniConfig:
     include: list[str] | None = None  # fnmatch patterns on module names; None = all but first conv/classifier
     exclude: list[str] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)  # per-layer overrides by pattern
+    proj_dims: dict[str, str] = field(default_factory=dict)  # per-layer projection sizes k by pattern
     rank: str = "auto"
     noise: str = "none"
     noise_scale: float = 1.0
@@ -115,12 +131,9 @@ class NenniConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise NenniError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        if self.noise not in NOISE_MODES:
-            raise NenniError(f"noise must be one of {', '.join(NOISE_MODES)}, got {self.noise!r}")
-        if self.rank not in RANK_MODES:
-            raise NenniError(f"rank must be one of {', '.join(RANK_MODES)}, got {self.rank!r}")
+        check_choice(self.granularity, GRANULARITIES, "granularity")
+        check_choice(self.noise, NOISE_MODES, "noise")
+        check_choice(self.rank, RANK_MODES, "rank")
         for r in [self.ratio, *self.ratios.values()]:
             if not (isinstance(r, (int, float)) and 0 < r <= 1 and math.isfinite(r)):
                 raise NenniError(f"essential ratio must be in (0, 1], got {r!r}")
@@ -138,6 +151,12 @@ class NenniConfig:
             if fnmatch.fnmatchcase(name, pattern):
                 return float(r)
         return float(self.ratio)
+
+    def proj_dim_for(self, name: str) -> str:
+        for pattern, k in self.proj_dims.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return str(k)
+        return str(self.proj_dim)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -17,7 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import NenniError, UnsupportedLayerError
+from ..errors import NenniError, UnsupportedLayerError, first_line
 from .config import LayerSpec, NenniConfig, resolve_proj_dim
 from .layers import NenniLayer, ScaledConv2d, ScaledLinear
 from .projection import layer_seed
@@ -55,11 +55,34 @@ class ConversionPlan:
     dense: list[dict[str, str]] = field(default_factory=list)  # {"name": ..., "reason": ...}
 
 
+class _LeafTracer(fx.Tracer):
+    """Folded and NENNI layers are leaves, so that a folded (or converted) model can be analysed again."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (ScaledConv2d, ScaledLinear, NenniLayer)) or super().is_leaf_module(m, qualname)
+
+
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
-        return fx.symbolic_trace(model)
-    except Exception as exc:  # fx raises many types; the user needs one line
-        raise NenniError(f"cannot analyse the model with torch.fx ({type(exc).__name__}: {exc})") from None
+        return fx.GraphModule(model, _LeafTracer().trace(model))
+    except Exception as exc:  # fx raises many types; the user needs one line, naming where
+        where = _untraceable_module(model)
+        at = f" in module {where[0]!r} ({where[1]})" if where else ""
+        raise NenniError(
+            f"cannot analyse the model with torch.fx{at}: {type(exc).__name__}: {first_line(exc)} "
+            "(data-dependent Python control flow cannot be traced)"
+        ) from None
+
+
+def _untraceable_module(model: nn.Module, prefix: str = "") -> tuple[str, str] | None:
+    """The deepest submodule that fx cannot trace on its own, as (name, class)."""
+    for name, child in model.named_children():
+        full = f"{prefix}{name}"
+        try:
+            fx.symbolic_trace(child)
+        except Exception:
+            return _untraceable_module(child, f"{full}.") or (full, type(child).__name__)
+    return None
 
 
 def _get(model: nn.Module, name: str) -> nn.Module:
@@ -211,7 +234,7 @@ def make_spec(info: LayerInfo, config: NenniConfig) -> LayerSpec:
         kind="conv" if is_conv else "linear",
         in_dim=d,
         out_dim=n,
-        proj_dim=resolve_proj_dim(config.proj_dim, n, d),
+        proj_dim=resolve_proj_dim(config.proj_dim_for(info.name), n, d),
         ratio=nm[0] / nm[1] if nm else config.ratio_for(info.name),
         granularity=granularity,
         nm=nm,

@@ -154,6 +154,9 @@ def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
         raise NenniError(f"{d}: unsupported model format version {version!r} (this nenni-deploy reads 1 and 2)")
     if version == 1:
         card = _upgrade_v1(card)
+    elif "model" not in card and isinstance(card.get("arch"), str):
+        # Pruned directories written before model sources were recorded name a registered architecture only.
+        card = {**card, "model": _registered_source(card["arch"]).to_dict(), "data": card.get("data")}
     if card.get("kind") not in KINDS or not isinstance(card.get("model"), dict):
         raise NenniError(f"{d / CONFIG_FILE}: malformed (kind {card.get('kind')!r}, model {card.get('model')!r})")
     return card
@@ -162,10 +165,7 @@ def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
 def _upgrade_v1(card: dict[str, Any]) -> dict[str, Any]:
     """Format 1 held NENNI models of registered architectures only, and no base weights."""
     card = dict(card)
-    try:
-        source = source_for(card["arch"])
-    except (KeyError, NenniError) as exc:
-        raise NenniError(f"a format-1 model directory names an unknown architecture ({exc})") from None
+    source = _registered_source(card.get("arch"))
     data = card.get("metrics", {}).get("data")
     card.update(
         kind="nenni",
@@ -175,6 +175,13 @@ def _upgrade_v1(card: dict[str, Any]) -> dict[str, Any]:
         base_weights_sha256=None,
     )
     return card
+
+
+def _registered_source(arch) -> ModelSource:
+    try:
+        return source_for(str(arch))
+    except NenniError as exc:
+        raise NenniError(f"an older model directory names an unknown architecture ({exc})") from None
 
 
 def model_source(card: dict[str, Any], model_dir: str | os.PathLike) -> ModelSource:

@@ -7,6 +7,8 @@ semantics; the ONNX function bodies and any fused kernel are tested against it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,8 +19,17 @@ from .quant import fake_quantize
 from .selection import channel_indices, ranking_score, select
 
 
+def _scale_parameter(n: int) -> nn.Parameter:
+    """The folded batch-norm factor as a parameter that does not train unless asked (training/params.py).
+
+    A parameter, not a buffer, so that fine-tuning can train it in its own unfolded scale; its state-dict key
+    is `scale` either way, so model directories written when it was a buffer load unchanged.
+    """
+    return nn.Parameter(torch.ones(n), requires_grad=False)
+
+
 class ScaledConv2d(nn.Conv2d):
-    """A convolution with batch norm folded in as a frozen per-channel `scale`: W_folded = scale * weight.
+    """A convolution with batch norm folded in as a per-channel `scale`: W_folded = scale * weight.
 
     Training `weight` in its original (unfolded) scale keeps one learning rate sensible for every channel;
     training the folded weight directly acts like a step scale^-2 larger and diverges (method.md 1.4).
@@ -26,7 +37,7 @@ class ScaledConv2d(nn.Conv2d):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.register_buffer("scale", torch.ones(self.out_channels))
+        self.scale = _scale_parameter(self.out_channels)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> ScaledConv2d:
@@ -45,11 +56,11 @@ class ScaledConv2d(nn.Conv2d):
 
 
 class ScaledLinear(nn.Linear):
-    """A linear layer with a frozen per-output `scale` (batch norm folded in, or ones)."""
+    """A linear layer with a per-output `scale` (batch norm folded in, or ones)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.register_buffer("scale", torch.ones(self.out_features))
+        self.scale = _scale_parameter(self.out_features)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> ScaledLinear:
@@ -88,6 +99,29 @@ def _with_tensors(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -
     return module.to(weight.device)
 
 
+MODES = ("nenni", "exact")  # the method, or the wrapped exact layer alone
+EXECUTIONS = ("masked", "skip")
+GRADIENTS = ("true", "exact", "approx")
+
+
+class _Choice:
+    """A string attribute that only takes one of its choices: a typo fails where it is set, not silently later."""
+
+    def __init__(self, choices: tuple[str, ...]) -> None:
+        self.choices = choices
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.public, self.private = name, f"_{name}"
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.__dict__[self.private]
+
+    def __set__(self, obj, value: str) -> None:
+        if value not in self.choices:
+            raise ValueError(f"NenniLayer.{self.public} must be one of {', '.join(self.choices)}, got {value!r}")
+        obj.__dict__[self.private] = value
+
+
 class NenniLayer(nn.Module):
     """A frozen exact layer, a seeded ternary projection and a fitted approximator W~, b~.
 
@@ -95,6 +129,10 @@ class NenniLayer(nn.Module):
     `execution` is "masked" (computes everything, any granularity) or "skip" (channel granularity only: computes
     just the essential channels per sample). Both give the same result.
     """
+
+    mode = _Choice(MODES)
+    execution = _Choice(EXECUTIONS)
+    gradient = _Choice(GRADIENTS)
 
     def __init__(self, exact: ScaledConv2d | ScaledLinear, spec: LayerSpec) -> None:
         super().__init__()
@@ -109,6 +147,9 @@ class NenniLayer(nn.Module):
         self.register_buffer("residual_rms", torch.tensor(float(spec.residual_rms or 0.0)))
         self.mode = "nenni"
         self.execution = "masked"
+        # A run-time essential ratio (annealing during fine-tuning); None runs the spec's. Never saved: the
+        # spec keeps the target.
+        self.run_ratio: float | None = None
         self.generator: torch.Generator | None = None  # set for reproducible noise; None draws from torch's RNG
         # Backward pass: "true" differentiates what runs; "exact" and "approx" are BPDA straight-through
         # estimators (forward through NENNI, backward through the exact layer or the approximator), used by
@@ -144,6 +185,17 @@ class NenniLayer(nn.Module):
         noise = torch.randn(pred.shape, generator=self.generator, device=pred.device, dtype=pred.dtype)
         return pred + std * noise
 
+    def active_spec(self) -> LayerSpec:
+        """The spec the forward pass runs: the saved one, or a copy at the run-time ratio."""
+        r = self.run_ratio
+        s = self.spec
+        if r is None or s.granularity == "threshold":
+            return s
+        if s.granularity == "nm":
+            n, m = s.nm
+            return dataclasses.replace(s, nm=(min(m, max(n, round(r * m))), m))
+        return dataclasses.replace(s, ratio=max(s.ratio, min(1.0, r)))
+
     # -- forward --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "exact":
@@ -152,7 +204,7 @@ class NenniLayer(nn.Module):
         if self.execution == "skip":
             out = self.forward_skip(x, pred)
         else:
-            mask = select(pred, self.spec)
+            mask = select(pred, self.active_spec())
             out = torch.where(mask, self.exact(x), self.fill(pred))
         if self.gradient == "true":
             return out
@@ -161,10 +213,11 @@ class NenniLayer(nn.Module):
 
     def forward_skip(self, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Channel granularity computing only the K essential channels of each sample."""
-        if self.spec.granularity != "channel":
+        spec = self.active_spec()
+        if spec.granularity != "channel":
             raise RuntimeError("skip execution exists only for the channel granularity")
         with torch.no_grad():
-            idx = channel_indices(ranking_score(pred, self.spec.rank), self.spec.essential)  # (B, K)
+            idx = channel_indices(ranking_score(pred, spec.rank), spec.essential)  # (B, K)
         weight, bias = self.exact.folded_weight(), self.exact.bias
         b, k = idx.shape
         if self.is_conv:
@@ -208,6 +261,17 @@ def set_execution(model: nn.Module, execution: str) -> None:
         if execution == "skip" and layer.spec.granularity != "channel":
             continue
         layer.execution = execution
+
+
+def anneal_ratio(model: nn.Module, progress: float | None) -> None:
+    """Essential ratio of every layer at `progress` in [0, 1] of its anneal: 1.0 (all exact) at 0, the spec's
+    target at 1, linear between; None (or >= 1) runs the targets."""
+    for layer in nenni_layers(model).values():
+        if progress is None or progress >= 1:
+            layer.run_ratio = None
+        else:
+            t = max(0.0, float(progress))
+            layer.run_ratio = 1.0 - t * (1.0 - layer.spec.ratio)
 
 
 def seed_noise(model: nn.Module, seed: int | None) -> None:

@@ -69,8 +69,9 @@ def load_model(
     data: Dataset | None = None,
 ) -> Model:
     """A model directory, a registered architecture or an entry point (`file.py:fn`, `package.module:fn`) with
-    `weights` and `kwargs`. With `data`, the input shape and class count come from it and the model is run once
-    to check that it returns one row of that many scores per image."""
+    `weights` and `kwargs`. With `data` (a training split), the input shape and class count come from it, the
+    model is run once to check that it returns one row of that many scores per image, and the data set is
+    recorded (later stages default to it)."""
     if isinstance(kwargs, str):
         kwargs = parse_kwargs(kwargs)
     path = Path(spec)
@@ -90,7 +91,7 @@ def load_model(
     if source.input_shape:
         classes = check_outputs(module, source.input_shape, source.num_classes, source.label)
         source.num_classes = source.num_classes or classes
-    return Model(module, source, "dense")
+    return Model(module, source, "dense", data.spec if data is not None else None)
 
 
 def open_model_dir(path: str | os.PathLike) -> Model:

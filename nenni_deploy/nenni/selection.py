@@ -11,7 +11,11 @@ import torch
 
 def ranking_score(pred: torch.Tensor, rank: str) -> torch.Tensor:
     """Signed where a ReLU follows (negatives are clipped anyway); magnitude where the output feeds a residual add."""
-    return pred.abs() if rank == "magnitude" else pred
+    if rank == "magnitude":
+        return pred.abs()
+    if rank == "signed":
+        return pred
+    raise ValueError(f"rank must be signed or magnitude, got {rank!r}")
 
 
 def _scatter_mask(score: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:

@@ -22,14 +22,65 @@ STAGE_TABLES = ("train", "calibrate", "finetune", "export", "check", "bench", "e
 TOP_KEYS = {"out", "threads", "data", "model", *STAGE_TABLES}
 # Options each stage's command receives from the pipeline: setting them in the table would break the chain.
 RESERVED = {
-    "train": {"arch", "data", "data-dir", "out", "json", "threads", "progress"},
-    "calibrate": {"arch", "weights", "data", "data-dir", "out", "json", "threads"},
-    "finetune": {"data", "data-dir", "out", "json", "threads", "progress"},
-    "export": {"out", "dense", "json", "threads", "data-dir"},
-    "check": {"data", "data-dir", "json", "threads"},
-    "bench": {"baseline", "json", "plot", "threads", "quiet"},
-    "eval": {"source", "weights", "dense", "data", "data-dir", "json", "plot", "threads", "progress", "cache"},
+    "train": {
+        "arch",
+        "arch-kwargs",
+        "mean",
+        "std",
+        "data",
+        "data-dir",
+        "image-size",
+        "out",
+        "json",
+        "threads",
+        "progress",
+    },
+    "calibrate": {
+        "arch",
+        "arch-kwargs",
+        "mean",
+        "std",
+        "weights",
+        "data",
+        "data-dir",
+        "image-size",
+        "out",
+        "json",
+        "threads",
+    },
+    "finetune": {"data", "data-dir", "image-size", "out", "json", "threads", "progress"},
+    "export": {"out", "dense", "json", "threads", "data", "data-dir", "image-size"},
+    "check": {"data", "data-dir", "image-size", "json", "threads"},
+    "bench": {"baseline", "json", "plot", "threads", "progress"},
+    "eval": {
+        "source",
+        "weights",
+        "dense",
+        "data",
+        "data-dir",
+        "image-size",
+        "json",
+        "plot",
+        "threads",
+        "progress",
+        "cache",
+    },
 }
+
+
+DATA_KEYS = {"name", "dir", "image-size"}
+MODEL_KEYS = {"arch", "weights", "arch-kwargs", "mean", "std"}
+
+
+def _option_text(key: str, value: Any) -> str:
+    """[model] arch-kwargs as a table or JSON text, mean/std and image-size as lists or text."""
+    import json
+
+    if key == "arch-kwargs":
+        return value if isinstance(value, str) else json.dumps(value)
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 def builtin_configs() -> dict[str, Path]:
@@ -48,6 +99,8 @@ class PipelineConfig:
     data_dir: Path | None
     arch: str
     weights: Path | None
+    model_options: dict[str, str] = field(default_factory=dict)  # arch-kwargs, mean, std
+    image_size: str | None = None
     tables: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     def options(self, stage: str) -> list[str]:
@@ -85,6 +138,19 @@ def table_to_args(table: dict[str, Any]) -> list[str]:
     return args
 
 
+def check_paths(cfg: PipelineConfig) -> None:
+    """The config's data and weights exist: found now, not after the first stage has run for an hour."""
+    if cfg.weights is not None and not cfg.weights.is_file():
+        raise NenniError(f"{cfg.source}: [model] weights {cfg.weights} is not a file")
+    if cfg.data_dir is not None and not cfg.data_dir.is_dir():
+        raise NenniError(f"{cfg.source}: [data] dir {cfg.data_dir} is not a folder")
+    if cfg.data not in ("digits", "cifar10") and not Path(cfg.data).expanduser().is_dir():
+        raise NenniError(f"{cfg.source}: [data] name {cfg.data!r} is neither digits, cifar10 nor a folder")
+    module, sep, _ = cfg.arch.rpartition(":")
+    if sep and module.endswith(".py") and not Path(module).is_file():
+        raise NenniError(f"{cfg.source}: [model] arch names {module}, which is not a file")
+
+
 def load_config(spec: str | os.PathLike) -> PipelineConfig:
     """Read a config file, or a built-in one by name (`demo`, ...)."""
     path, label = Path(spec), str(spec)
@@ -112,13 +178,14 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> PipelineConfi
     model = raw.get("model", {})
     if not isinstance(data, dict) or not isinstance(model, dict):
         raise NenniError(f"{source}: [data] and [model] must be tables")
-    extra = sorted(set(data) - {"name", "dir"}) + sorted(set(model) - {"arch", "weights"})
+    extra = sorted(set(data) - DATA_KEYS) + sorted(set(model) - MODEL_KEYS)
     if extra:
         raise NenniError(
-            f"{source}: unknown key(s) {', '.join(extra)} in [data] (name, dir) or [model] (arch, weights)"
+            f"{source}: unknown key(s) {', '.join(extra)} in [data] ({', '.join(sorted(DATA_KEYS))}) or [model] "
+            f"({', '.join(sorted(MODEL_KEYS))})"
         )
     if "arch" not in model:
-        raise NenniError(f"{source}: [model] needs arch (see `nenni info --models`)")
+        raise NenniError(f"{source}: [model] needs arch (see `nenni info --models`, or file.py:FUNCTION)")
     threads = raw.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise NenniError(f"{source}: threads must be a positive integer, not {threads!r}")
@@ -146,7 +213,9 @@ def parse_config(raw: dict[str, Any], source: str = "<config>") -> PipelineConfi
         threads=threads,
         data=str(data.get("name", "digits")),
         data_dir=Path(_expand(data_dir)) if data_dir else None,
-        arch=str(model["arch"]),
+        arch=_expand(str(model["arch"])),
         weights=Path(_expand(weights)) if weights else None,
+        model_options={k: _option_text(k, model[k]) for k in ("arch-kwargs", "mean", "std") if k in model},
+        image_size=_option_text("image-size", data["image-size"]) if "image-size" in data else None,
         tables=tables,
     )

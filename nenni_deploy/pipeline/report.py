@@ -143,7 +143,11 @@ def headline(s: dict[str, Any]) -> list[str]:
             for r in s["robustness"]["per_eps"]
         ]
         lines.append("worst-case robust accuracy: " + "; ".join(parts))
-    lines.append(f"total time {s['seconds']:.0f} s")
+    ran = [name for name, stage in s["stages"].items() if stage["status"] == "ran"]
+    if ran:
+        lines.append(f"total time {s['seconds']:.0f} s ({', '.join(ran)} ran)")
+    else:
+        lines.append("up to date: nothing ran (the numbers are the earlier run's)")
     return lines
 
 

@@ -53,7 +53,15 @@ FILES = {
 
 
 def _data(cfg: PipelineConfig) -> list[str]:
-    return ["--data", cfg.data, *(["--data-dir", str(cfg.data_dir)] if cfg.data_dir else [])]
+    return [
+        "--data", cfg.data,
+        *(["--data-dir", str(cfg.data_dir)] if cfg.data_dir else []),
+        *(["--image-size", cfg.image_size] if cfg.image_size else []),
+    ]  # fmt: skip
+
+
+def _model_options(cfg: PipelineConfig) -> list[str]:
+    return [a for key, value in cfg.model_options.items() for a in (f"--{key}", value)]
 
 
 def _threads(cfg: PipelineConfig) -> list[str]:
@@ -64,7 +72,7 @@ def dense_model(cfg: PipelineConfig, lay: Layout) -> list[str]:
     """The trained model directory when there is a [train] table, else the architecture and imported checkpoint."""
     if cfg.enabled("train"):
         return ["--arch", str(lay.dense_dir)]
-    return ["--arch", cfg.arch, "--weights", str(cfg.weights)]
+    return ["--arch", cfg.arch, "--weights", str(cfg.weights), *_model_options(cfg)]
 
 
 def nenni_dir(cfg: PipelineConfig, lay: Layout) -> Path:
@@ -74,8 +82,8 @@ def nenni_dir(cfg: PipelineConfig, lay: Layout) -> Path:
 def _train(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
     init = ["--weights", str(cfg.weights)] if cfg.weights else []  # training starts from an imported checkpoint
     return [
-        ["train", "--arch", cfg.arch, *init, *_data(cfg), "--out", str(lay.dense_dir), "--json", str(lay.train_json),
-         "--no-progress", *_threads(cfg), *cfg.options("train")]
+        ["train", "--arch", cfg.arch, *init, *_model_options(cfg), *_data(cfg), "--out", str(lay.dense_dir),
+         "--json", str(lay.train_json), "--no-progress", *_threads(cfg), *cfg.options("train")]
     ]  # fmt: skip
 
 
@@ -98,12 +106,12 @@ def _export(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
     # The dense baseline is the model NENNI was made from (kept in its directory, whatever fine-tuning did to the
     # base weights). It shares the NENNI export's target and opset only.
     shared = [a for k in ("target", "opset") if k in table for a in (f"--{k}", str(table[k]))]
-    data_dir = ["--data-dir", str(cfg.data_dir)] if cfg.data_dir else []
+    data = _data(cfg)
     return [
         ["export", str(nenni_dir(cfg, lay)), "--out", str(lay.nenni_onnx), "--json", str(lay.export_nenni_json),
-         *data_dir, *_threads(cfg), *cfg.options("export")],
+         *data, *_threads(cfg), *cfg.options("export")],
         ["export", str(nenni_dir(cfg, lay)), "--dense", "--out", str(lay.dense_onnx),
-         "--json", str(lay.export_dense_json), *data_dir, *_threads(cfg), *shared],
+         "--json", str(lay.export_dense_json), *data, *_threads(cfg), *shared],
     ]  # fmt: skip
 
 
@@ -117,7 +125,7 @@ def _check(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
 def _bench(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
     return [
         ["bench", str(lay.nenni_onnx), "--baseline", str(lay.dense_onnx), "--json", str(lay.bench_json),
-         "--plot", str(lay.bench_png), "--quiet", *_threads(cfg), *cfg.options("bench")]
+         "--plot", str(lay.bench_png), "--no-progress", *_threads(cfg), *cfg.options("bench")]
     ]  # fmt: skip
 
 
@@ -164,6 +172,30 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state if isinstance(state, dict) else {}
 
 
+@dataclass(frozen=True)
+class Planned:
+    stage: Stage
+    commands: list[list[str]]
+    skip: bool  # done earlier with the same arguments, outputs present, and nothing before it reruns
+    previous: dict[str, Any]
+
+
+def plan_stages(cfg: PipelineConfig, force: bool = False) -> list[Planned]:
+    """The enabled stages in order, each with whether a run now would skip it."""
+    lay = Layout(cfg.out)
+    state = {} if force else _read_state(lay.state)
+    planned, rerun = [], force
+    for stage in STAGES:
+        if not stage.enabled(cfg):
+            continue
+        commands = stage.commands(cfg, lay)
+        previous = state.get(stage.name, {})
+        skip = not rerun and previous.get("commands") == commands and all(p.exists() for p in stage.outputs(lay))
+        rerun = rerun or not skip
+        planned.append(Planned(stage, commands, skip, previous))
+    return planned
+
+
 def run_pipeline(
     cfg: PipelineConfig, invoke: Invoke, force: bool = False, echo: Callable[[str], None] = print
 ) -> dict[str, dict[str, Any]]:
@@ -172,17 +204,12 @@ def run_pipeline(
     cfg.out.mkdir(parents=True, exist_ok=True)
     state = {} if force else _read_state(lay.state)
     done: dict[str, dict[str, Any]] = {}
-    rerun = force
-    for stage in STAGES:
-        if not stage.enabled(cfg):
-            continue
-        commands = stage.commands(cfg, lay)
-        previous = state.get(stage.name, {})
-        if not rerun and previous.get("commands") == commands and all(p.exists() for p in stage.outputs(lay)):
+    for item in plan_stages(cfg, force):
+        stage, commands = item.stage, item.commands
+        if item.skip:
             echo(f"[{stage.name}] done earlier with the same arguments: skipped (--force reruns it)")
-            done[stage.name] = {**previous, "status": "skipped"}
+            done[stage.name] = {**item.previous, "status": "skipped"}
             continue
-        rerun = True
         start = time.perf_counter()
         for args in commands:
             invoke(args)

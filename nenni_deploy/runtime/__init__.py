@@ -1,13 +1,19 @@
-"""Running exported models: checked loading, Runners (ONNX Runtime, PyTorch), batching, parity checks."""
+"""Running exported models: checked loading, Runners (ONNX Runtime, PyTorch, any ONNX image classifier), batching,
+parity checks."""
 
 from __future__ import annotations
 
+from .classifier import ClassifierSpec, OnnxClassifier, PixelConvention, open_classifier
 from .loading import InputSpec, LoadedModel, check_proto, load_onnx_checked
 from .predict import accuracy, predict_dataset
 from .runners import PROVIDERS, OrtRunner, Runner, RuntimeFallbackWarning, TorchRunner, validate_input
 
 __all__ = [
     "PROVIDERS",
+    "ClassifierSpec",
+    "OnnxClassifier",
+    "PixelConvention",
+    "open_classifier",
     "InputSpec",
     "LoadedModel",
     "OrtRunner",

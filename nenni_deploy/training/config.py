@@ -43,6 +43,13 @@ class TrainConfig:
     refit_images: int = 1024
     refit_ridge: float = 1e-4
     best_metric: str = "val_acc"  # higher is better
+    # NENNI fine-tuning schedules (training/params.py, loop.py): the essential ratio falls linearly from 1.0 to
+    # each layer's target over the first `anneal_epochs`; the approximators' rate is `approx_lr_scale` times
+    # the base rate; `train_scale` trains the folded batch-norm factor (ScaledConv2d.scale) too.
+    anneal_epochs: float = 0.0
+    approx_lr_scale: float = 1.0
+    train_scale: bool = False
+    scale_lr_scale: float = 0.1  # the scale's rate as a multiple of the base rate (at 1.0 it diverged, see results)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,6 +89,18 @@ class TrainConfig:
             f"--label-smoothing must be in [0, 1), got {self.label_smoothing}",
         )
         _check(self.trainable in TRAINABLE, f"--train must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        _check(
+            _finite(self.anneal_epochs) and 0 <= self.anneal_epochs <= (self.epochs or math.inf),
+            f"--anneal-epochs must be in [0, epochs], got {self.anneal_epochs}",
+        )
+        _check(
+            _finite(self.approx_lr_scale) and self.approx_lr_scale > 0,
+            f"--approx-lr-scale must be > 0, got {self.approx_lr_scale}",
+        )
+        _check(
+            _finite(self.scale_lr_scale) and self.scale_lr_scale > 0,
+            f"--scale-lr-scale must be > 0, got {self.scale_lr_scale}",
+        )
         _check(self.refit_every >= 0, f"--refit-every must be >= 0, got {self.refit_every}")
         _check(self.refit_images >= 1, f"refit images must be >= 1, got {self.refit_images}")
         _check(_finite(self.refit_ridge) and self.refit_ridge >= 0, f"refit ridge must be >= 0, got {self.refit_ridge}")

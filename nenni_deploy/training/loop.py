@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import NenniError
 from ..metrics import accuracy
-from ..nenni.layers import nenni_layers
+from ..nenni.layers import anneal_ratio, nenni_layers
 from . import checkpoint as ckpt
 from .augment import augment_batch, resolve_augment
 from .config import RESUMABLE_CHANGES, TrainConfig
@@ -153,9 +153,9 @@ def train(
     if config.refit_every and not nenni_layers(model):
         raise NenniError("--refit-every needs a NENNI model (this one has no NENNI layers)")
 
-    params = select_trainable(model, config.trainable)
+    params = select_trainable(model, config.trainable, config.train_scale)
     optimizer = torch.optim.SGD(
-        param_groups(model, params, config.weight_decay),
+        param_groups(model, params, config.weight_decay, config.approx_lr_scale, config.scale_lr_scale),
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,
@@ -228,6 +228,7 @@ class _Loop:
         self.aug = resolve_augment(config.augment, tuple(x.shape[1:]))
         self.total = config.epochs * spe
         self.warmup = int(round(config.warmup_epochs * spe))
+        self.anneal = int(round(config.anneal_epochs * spe)) if nenni_layers(model) else 0
         self.device = next(iter(params.values())).device
 
     def run_epoch(self, epoch: int, state: _State) -> dict[str, Any]:
@@ -250,6 +251,8 @@ class _Loop:
                 xb, yb = xb[self.rank :: self.world], yb[self.rank :: self.world]
             xb, yb = xb.to(self.device), yb.to(self.device)
             lr = lr_at(state.step, self.total, cfg.lr, cfg.schedule, self.warmup)
+            if self.anneal:  # a function of the global step, so a resumed run anneals identically
+                anneal_ratio(self.model, state.step / self.anneal)
             loss, logits = self._step(xb, yb, lr, epoch, state.step)
             state.step += 1
             loss_sum += float(loss) * len(yb)
@@ -259,6 +262,7 @@ class _Loop:
                 loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.2f}", lr=f"{lr:.2g}", refresh=False
             )
         bar.close()
+        anneal_ratio(self.model, None)  # evaluation and checkpoints see the target ratios
         if self.world > 1:  # the epoch's loss and accuracy over every rank's slices
             totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
             dist.all_reduce(totals)
@@ -270,6 +274,7 @@ class _Loop:
         state.epoch = epoch
         return {
             "epoch": epoch,
+            "epochs": cfg.epochs,
             "step": state.step,
             "lr": lr,
             "train_loss": loss_sum / seen,
@@ -282,7 +287,7 @@ class _Loop:
         self, xb: torch.Tensor, yb: torch.Tensor, lr: float, epoch: int, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss, logits = self.method.loss(self.net, xb, yb)
         if not torch.isfinite(loss):
             value = float(loss.detach())

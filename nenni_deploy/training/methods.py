@@ -327,3 +327,121 @@ class MethodConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# -- knowledge distillation ---------------------------------------------------------------------------------
+def output_shape(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The model's output shape for one image (eval mode, no gradient; the model's modes are kept)."""
+    device = next(iter(model.parameters())).device
+    with eval_mode(model), torch.no_grad():
+        return tuple(model(torch.zeros(1, *input_shape, device=device)).shape[1:])
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module, input_shape: tuple[int, ...], *, what: str) -> None:
+    """A teacher must map the same input to the same number of classes; anything else is a one-line error."""
+    try:
+        t_out = output_shape(teacher, input_shape)
+    except Exception as exc:  # any architecture mismatch surfaces as some error in forward
+        raise NenniError(f"teacher {what} does not run on {tuple(input_shape)} inputs ({type(exc).__name__})") from None
+    s_out = output_shape(student, input_shape)
+    if t_out != s_out:
+        raise NenniError(f"teacher {what} outputs {t_out}, the model {s_out}: the class counts differ")
+
+
+@dataclass
+class Distill:
+    """Knowledge distillation from a frozen teacher (Hinton et al. 2015), plus optional feature matching.
+
+    loss = (1 - alpha) * CE(student, y) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+           + feature_weight * mean over `feature_layers` of ||f_s - f_t||^2 / mean(f_t^2)
+    The feature term compares the outputs of same-named modules (a NENNI layer against the teacher's exact
+    layer): where the approximation departs from what the dense network computed.
+    """
+
+    teacher: nn.Module
+    alpha: float = 0.9
+    temperature: float = 4.0
+    feature_weight: float = 0.0
+    feature_layers: tuple[str, ...] = ()
+    label_smoothing: float = 0.0
+    teacher_name: str = "dense-base"
+    name: str = "distill"
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.alpha <= 1 and math.isfinite(self.alpha)):
+            raise NenniError(f"--distill-alpha must be in [0, 1], got {self.alpha}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise NenniError(f"--distill-temperature must be > 0, got {self.temperature}")
+        if not (self.feature_weight >= 0 and math.isfinite(self.feature_weight)):
+            raise NenniError(f"--distill-features must be >= 0, got {self.feature_weight}")
+        self.teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        if self.feature_weight and not self.feature_layers:
+            raise NenniError("feature distillation needs layers to compare (the model has no NENNI layers)")
+        missing = [n for n in self.feature_layers if not _has_module(self.teacher, n)]
+        if missing:
+            raise NenniError(f"teacher {self.teacher_name} has no layer {missing[0]!r} to match features at")
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        names = self.feature_layers if self.feature_weight else ()
+        with _capture(self.teacher, names) as t_feats, torch.no_grad():
+            t_logits = self.teacher(x)
+        with _capture(unwrap(model), names) as s_feats:
+            logits = model(x)
+        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        t = self.temperature
+        student, target = F.log_softmax(logits / t, 1), F.log_softmax(t_logits / t, 1)
+        kd = F.kl_div(student, target, log_target=True, reduction="batchmean")
+        loss = (1 - self.alpha) * ce + self.alpha * t * t * kd
+        if names:
+            feat = [((s_feats[n] - t_feats[n]) ** 2).mean() / (t_feats[n] ** 2).mean().clamp_min(1e-8) for n in names]
+            loss = loss + self.feature_weight * torch.stack(feat).mean()
+        return loss, logits
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "teacher": self.teacher_name,
+            "alpha": self.alpha,
+            "temperature": self.temperature,
+            "feature_weight": self.feature_weight,
+            "feature_layers": list(self.feature_layers),
+            "label_smoothing": self.label_smoothing,
+        }
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+@contextmanager
+def _capture(model: nn.Module, names: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+    """Outputs of the named submodules during the block's forward passes."""
+    out: dict[str, torch.Tensor] = {}
+    handles = [
+        model.get_submodule(n).register_forward_hook(lambda _m, _i, o, n=n: out.__setitem__(n, o)) for n in names
+    ]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def dense_base_teacher(model: nn.Module) -> nn.Module:
+    """The converted model's dense base: a frozen deep copy with every NENNI layer in exact mode."""
+    import copy
+
+    teacher = copy.deepcopy(unwrap(model))
+    for layer in nenni_layers(teacher).values():
+        layer.mode = "exact"
+        layer.run_ratio = None
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher

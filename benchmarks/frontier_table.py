@@ -1,0 +1,80 @@
+"""The frontier table (markdown) and plot from results/frontier/index.json, plus latency where
+benchmarks/frontier_check.sh has written bench JSONs.
+
+    python benchmarks/frontier_table.py [--index results/frontier/index.json] [--check runs/frontier-check]
+        [--plot docs/figures/frontier-resnet20.png]
+
+Prints the markdown table; with --plot also draws accuracy against the MAC ratio (and against measured batch-1
+latency relative to dense when the bench files exist), NENNI vs pruning vs dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DENSE = {"resnet20": 91.73, "resnet56": 93.39}  # the shared checkpoints on the full test set
+
+
+def speedup(check: Path, name: str, batch: int) -> float | None:
+    """Dense median latency / this model's, from a `nenni bench --json` file (None when absent)."""
+    path = check / f"{name}.bench.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    for row in data.get("batches", []):
+        if row.get("batch") == batch and "speedup" in row:
+            return float(row["speedup"]["speedup"])
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--index", type=Path, default=Path("results/frontier/index.json"))
+    ap.add_argument("--check", type=Path, default=Path("runs/frontier-check"))
+    ap.add_argument("--plot", type=Path, default=None)
+    args = ap.parse_args()
+    entries = json.loads(args.index.read_text())
+    lines = [
+        "| point | method | budget | MACs (of dense) | BitOPs (of dense) | accuracy % | vs dense | epochs | "
+        "ORT speedup b1 / b64 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in sorted(entries, key=lambda e: (e["architecture"], e["budget_metric"], -e["budget"], e["method"])):
+        dense = DENSE.get(e["architecture"])
+        gap = f"{e['accuracy'] - dense:+.2f}" if dense is not None else "-"
+        s1, s64 = speedup(args.check, e["name"], 1), speedup(args.check, e["name"], 64)
+        fast = f"{s1:.2f}x / {s64:.2f}x" if s1 and s64 else "not measured"
+        lines.append(
+            f"| {e['name']} | {e['method']} ({e['granularity']}) | {e['budget_metric']} {e['budget']:g} | "
+            f"{e['macs_ratio']:.3f} | {e.get('bitops_ratio', float('nan')):.3f} | {e['accuracy']:.2f} | "
+            f"{gap} | {e.get('epochs')} | {fast} |"
+        )
+    print("\n".join(lines))
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method, marker in (("nenni", "o"), ("pruning", "s")):
+            pts = sorted((e["macs_ratio"], e["accuracy"]) for e in entries if e["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
+        for arch, acc in DENSE.items():
+            if any(e["architecture"] == arch for e in entries):
+                ax.plot([1.0], [acc], "k*", markersize=10, label=f"dense {arch}")
+        ax.set_xlabel("MACs, fraction of dense (nenni/cost.py)")
+        ax.set_ylabel("test accuracy % (10,000 images)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=120)
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
