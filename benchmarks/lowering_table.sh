@@ -15,11 +15,11 @@ DIR="$OUT/$ARCH-channel-$RATIO"
     --data-dir "$SHARED/data/cifar10" --granularity channel --ratio "$RATIO" --proj-dim n/8 --calib-n 1024 \
     --eval-n 1000 --out "$DIR" --json "$DIR.calibrate.json"
 [ -f "$OUT/dense.onnx" ] || $NENNI export "$DIR" --dense --out "$OUT/dense.onnx" --check-n 32 --data-dir "$SHARED/data/cifar10"
-for LOWERING in skip masked auto; do
+for LOWERING in skip masked auto tune; do
     [ -f "$OUT/$LOWERING.onnx" ] || $NENNI export "$DIR" --out "$OUT/$LOWERING.onnx" --check-n 32 \
         --data-dir "$SHARED/data/cifar10" --channel-lowering "$LOWERING" --tune-batch 64 --tune-threads 2
     [ -f "$OUT/$LOWERING.bench.json" ] || $NENNI bench "$OUT/$LOWERING.onnx" --baseline "$OUT/dense.onnx" \
-        --batch 1 --batch 64 --duration 4 --threads 2 --profile --quiet --json "$OUT/$LOWERING.bench.json" \
+        --batch 1 --batch 64 --duration 4 --threads 2 --profile --no-progress --json "$OUT/$LOWERING.bench.json" \
         --plot "$OUT/$LOWERING.bench.png"
 done
 python3 - "$OUT" <<'PY'
@@ -28,7 +28,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 print("| lowering | batch | NENNI ms | dense ms | speedup (95 % CI) | MAC-ideal | % of ideal | other load (cores) |")
 print("|---|---|---|---|---|---|---|---|")
-for low in ("skip", "masked", "auto"):
+for low in ("skip", "masked", "auto", "tune"):
     r = json.loads((out / f"{low}.bench.json").read_text())
     for b in r["batches"]:
         m, d, s = b["models"]["model"], b["models"]["baseline"], b["speedup"]

@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--duration", default="4")
     ap.add_argument("--threads", default="2")
     ap.add_argument(
-        "--lowering", default="skip", choices=["skip", "masked", "auto"], help="nenni export --channel-lowering"
+        "--lowering", default="skip", choices=["skip", "masked", "auto", "tune"], help="nenni export --channel-lowering"
     )
     ap.add_argument("--tune-batch", default="64")
     ap.add_argument("--out", type=Path, default=Path("runs/curve"))
@@ -135,7 +135,7 @@ def main() -> None:
                 args.duration,
                 "--threads",
                 args.threads,
-                "--quiet",
+                "--no-progress",
                 "--json",
                 str(bench_json),
             )

@@ -32,7 +32,7 @@ def models(tmp_path_factory):
 def test_report_holds_both_models_every_batch_and_the_ideal(models):
     nenni, dense = models
     report = run_bench(nenni, dense, BenchSettings(**FAST), progress=False)
-    assert report["schema"] == "nenni-bench" and report["schema_version"] == 1
+    assert report["schema"] == "nenni-bench" and report["schema_version"] == 2
     assert set(report["models"]) == {"model", "baseline"}
     assert report["models"]["model"]["nenni_layers"] > 0 and report["models"]["baseline"]["dense"]
     assert [b["batch"] for b in report["batches"]] == [1, 3]

@@ -267,7 +267,7 @@ def test_random_conv_nets_export_with_parity(depth, width, kernel, stride, dilat
     np.testing.assert_allclose(y, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("lowering", ["masked", "auto"])
+@pytest.mark.parametrize("lowering", ["masked", "tune"])
 def test_channel_lowerings_give_the_same_model(lowering):
     model, card, skip = exported("channel")
     options = ExportOptions(channel_lowering=lowering, tune_batch=2)

@@ -1,4 +1,4 @@
-"""`nenni bench`: latency and throughput of an exported model beside its dense baseline, in the same run."""
+"""`nenni bench`: latency and throughput of exported models beside their dense baseline, in the same run."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from .options import json_option, progress_option, write_json
 
 
 @click.command(name="bench")
-@click.argument("model_path", type=click.Path(path_type=Path))
+@click.argument("model_paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--baseline",
     "baseline_path",
     type=click.Path(path_type=Path),
     default=None,
-    help="The dense model to compare with (interleaved with MODEL_PATH, round by round).",
+    help="The dense model to compare with (interleaved with every MODEL_PATH, round by round).",
 )
 @click.option(
     "--batch",
@@ -65,7 +65,7 @@ from .options import json_option, progress_option, write_json
 )
 @progress_option()
 def command(
-    model_path,
+    model_paths,
     baseline_path,
     batches,
     provider,
@@ -81,7 +81,9 @@ def command(
     force,
     progress,
 ):
-    """Time MODEL_PATH (an .onnx file) and, with --baseline, the dense model beside it."""
+    """Time MODEL_PATHS (.onnx files, e.g. a float and an int8 export) and, with --baseline, the dense model
+    beside them: latency next to each file's MACs and BitOPs as it runs (float32 or int8) and the fraction of
+    the ideal speedup over the baseline it reaches."""
     from ..evaluation.bench import BenchSettings, run_bench
 
     if duration is not None and iterations is not None:
@@ -97,7 +99,7 @@ def command(
         profile=profile,
         seed=seed,
     )
-    report = run_bench(model_path, baseline_path, settings, progress=progress, force=force)
+    report = run_bench(list(model_paths), baseline_path, settings, progress=progress, force=force)
     click.echo(summary_text(report))
     if json_path:
         write_json(json_path, report)
@@ -111,6 +113,47 @@ def command(
 
 def _fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _m(value, scale: float) -> str:
+    return "-" if value is None else f"{value / scale:,.1f}"
+
+
+def cost_table(report: dict) -> str:
+    """Per batch size and model: measured latency beside MACs and BitOPs as run, and the fraction of the
+    MAC- and BitOPs-ideal speedups over the baseline the measured speedup reaches."""
+    models = report["models"]
+    rows = []
+    for b in report["batches"]:
+        for label, s in b["models"].items():
+            run = models[label].get("as_run") or {}
+            sp = (b.get("speedups") or {}).get(label)
+            ideal = (b.get("ideals") or {}).get(label) or {}
+            frac_mac, frac_bit = ideal.get("fraction_of_mac_ideal"), ideal.get("fraction_of_bitops_ideal")
+            rows.append(
+                [
+                    b["batch"],
+                    label,
+                    models[label].get("precision", "float32"),
+                    _m(run.get("macs"), 1e6),
+                    _m(run.get("bitops"), 1e9),
+                    _fmt(s["mean_ms"], ".3f"),
+                    "baseline" if label == "baseline" else (f"{sp['speedup']:.3f}" if sp else "-"),
+                    f"[{sp['ci_low']:.3f}, {sp['ci_high']:.3f}]" if sp else "-",
+                    _fmt(ideal.get("mac_speedup")),
+                    _fmt(ideal.get("bitops_speedup")),
+                    _fmt(frac_mac and 100 * frac_mac, ".0f"),
+                    _fmt(frac_bit and 100 * frac_bit, ".1f"),
+                ]
+            )
+    head = ["batch", "model", "precision", "MMACs/img", "GBitOPs/img", "mean ms", "speedup", "95 % CI",
+            "MAC-ideal", "BitOPs-ideal", "% of MAC-ideal", "% of BitOPs-ideal"]  # fmt: skip
+    loads = ", ".join(f"batch {b['batch']}: {_fmt(b['load']['other_processes_busy_cores'])}" for b in report["batches"])
+    note = (
+        f"(MACs and BitOPs per image as each file runs: float32 at 32 x 32 bits, int8 at 8 x 8; speedups over the "
+        f"baseline; other load in cores {loads})"
+    )
+    return format_table(head, rows) + "\n" + note
 
 
 def summary_text(report: dict) -> str:
@@ -141,28 +184,7 @@ def summary_text(report: dict) -> str:
     lines.append(
         format_table(["batch", "model", "mean ms", "std", "min", "p50", "p90", "p95", "p99", "img/s", "runs"], rows)
     )
-    paired = [b for b in report["batches"] if "speedup" in b]
-    if paired:
-        rows = []
-        for b in paired:
-            sp, ideal = b["speedup"], b["ideal"]
-            rows.append(
-                [
-                    b["batch"],
-                    f"{sp['speedup']:.3f}",
-                    f"[{sp['ci_low']:.3f}, {sp['ci_high']:.3f}]",
-                    _fmt(ideal["mac_speedup"]),
-                    _fmt(ideal["bitops_speedup"]),
-                    _fmt(ideal["fraction_of_mac_ideal"] and 100 * ideal["fraction_of_mac_ideal"], ".0f"),
-                    _fmt(b["load"]["other_processes_busy_cores"]),
-                ]
-            )
-        lines.append(
-            format_table(
-                ["batch", "speedup", "95 % CI", "MAC-ideal", "BitOPs-ideal", "% of MAC-ideal", "other load (cores)"],
-                rows,
-            )
-        )
+    lines.append(cost_table(report))
     for label, per_batch in report.get("profile", {}).items():
         for batch, prof in per_batch.items():
             shares = ", ".join(f"{k} {100 * v:.0f} %" for k, v in prof["stage_share"].items())

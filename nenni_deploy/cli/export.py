@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from .options import apply_threads, data_options, json_option, threads_option, write_json
+from .options import (
+    apply_threads,
+    data_options,
+    int8_options,
+    int8_settings,
+    json_option,
+    threads_option,
+    write_json,
+)
 
 
 def _mb(n: int) -> str:
@@ -16,8 +24,11 @@ def _mb(n: int) -> str:
 def format_parity(report) -> list[str]:
     lines = [
         f"parity on {report.images} images ({report.compared}): max abs diff {report.max_abs_diff:.3g}, "
-        f"mean {report.mean_abs_diff:.3g}, top-1 agreement {report.agreement:.2f} %"
+        f"mean {report.mean_abs_diff:.3g} ({100 * report.relative_error:.2g} % of the mean |logit|), "
+        f"top-1 agreement {report.agreement:.2f} %"
     ]
+    if report.tolerance:
+        lines.append(f"tolerance ({report.tolerance})")
     if report.accuracy_torch is not None:
         lines.append(f"accuracy: PyTorch {report.accuracy_torch:.2f} %  ONNX Runtime {report.accuracy_onnx:.2f} %")
     if report.noise:
@@ -38,6 +49,18 @@ def format_parity(report) -> list[str]:
             )
     lines += [f"warning: {w}" for w in report.warnings]
     return lines
+
+
+def format_int8(result) -> list[str]:
+    c, cal = result.counts, result.calibration
+    integer = ", ".join(f"{op} {n}" for op, n in c["integer_kernels"].items()) or "none"
+    floating = ", ".join(f"{op} {n}" for op, n in c["float_compute_kernels"].items()) or "none"
+    lines = [
+        f"int8: calibrated on {cal['source']} ({cal['method']}); {cal['weights']}",
+        f"int8: ONNX Runtime runs {c['integer_total']} integer kernels ({integer}); float compute kernels: "
+        f"{floating}; NENNI layers in int8: {c['nenni_layers_int8']} of {c['nenni_layers']}",
+    ]
+    return lines + [f"warning: {w}" for w in result.warnings]
 
 
 @click.command(name="export")
@@ -67,26 +90,36 @@ def format_parity(report) -> list[str]:
 @data_options()
 @click.option(
     "--channel-lowering",
-    type=click.Choice(["skip", "masked", "auto"]),
+    type=click.Choice(["skip", "masked", "grouped", "auto", "tune"]),
     default="skip",
     show_default=True,
     help="Channel layers in ORT: compute only the essential filters (skip), the dense convolution then select "
-    "(masked; same outputs), or time both per layer and keep the faster (auto).",
+    "(masked; same outputs), one convolution group per sample over the gathered filters (grouped; needs "
+    "--batch), per layer the one of skip and masked the measured lowering model predicts faster for its shape, "
+    "the batch size and the precision (auto; benchmarks/crossover.py), or time both on every layer (tune).",
+)
+@click.option(
+    "--batch",
+    "static_batch",
+    type=click.IntRange(1, 65536),
+    default=None,
+    help="Fix the batch size of the graph (default: dynamic); --channel-lowering grouped needs it.",
 )
 @click.option(
     "--tune-batch",
     type=click.IntRange(1, 4096),
     default=1,
     show_default=True,
-    help="Batch size --channel-lowering auto times layers at.",
+    help="Batch size --channel-lowering auto decides for and tune times at.",
 )
 @click.option(
     "--tune-threads",
     type=click.IntRange(1, 256),
     default=1,
     show_default=True,
-    help="ORT threads --channel-lowering auto times layers with (as in deployment).",
+    help="ORT threads --channel-lowering tune times layers with (as in deployment).",
 )
+@int8_options()
 @threads_option("Threads for the check.")
 @json_option()
 def command(
@@ -104,8 +137,14 @@ def command(
     data_dir,
     image_size,
     channel_lowering,
+    static_batch,
     tune_batch,
     tune_threads,
+    int8,
+    calib_n,
+    calib_method,
+    calib_percentile,
+    reduce_range,
     threads,
     json_path,
 ):
@@ -126,13 +165,29 @@ def command(
         channel_lowering=channel_lowering,
         tune_batch=tune_batch,
         tune_threads=tune_threads,
+        precision="int8" if int8 else "float32",
+        batch=static_batch,
     )
     data = data_for(model, data_name, data_dir, image_size) if (data_name or data_dir or image_size) else None
+    quantize = int8_settings(int8, calib_n, calib_method, calib_percentile, reduce_range)
+    if quantize is not None and data is None and model.data is None and model.source.arch:
+        data = data_for(model, None)  # a registered architecture's own data set calibrates it
     report = export_onnx(
-        model, out, options, check=check, check_n=check_n, data=data, threads=threads, external_data=external_data
+        model,
+        out,
+        options,
+        check=check,
+        check_n=check_n,
+        data=data,
+        threads=threads,
+        external_data=external_data,
+        int8=quantize,
     )
     for note in report.notes:
         click.echo(f"note: {note}")
+    if report.int8 is not None:
+        for line in format_int8(report.int8):
+            click.echo(line)
     if report.parity is not None:
         for line in format_parity(report.parity):
             click.echo(line)

@@ -73,6 +73,52 @@ def data_options():
     )
 
 
+def int8_options():
+    """Static int8 quantization of an export (exporters.int8.Int8Settings)."""
+    return _compose(
+        click.option(
+            "--int8",
+            is_flag=True,
+            help="Quantize to int8 (ONNX Runtime QDQ; the NENNI layers in their int8 form), calibrated on "
+            "training images of --data / --data-dir (default: the data set the model records).",
+        ),
+        click.option(
+            "--calib-n", type=click.IntRange(1), default=256, show_default=True, help="Calibration images (--int8)."
+        ),
+        click.option(
+            "--calib-method",
+            type=click.Choice(["minmax", "percentile", "entropy"]),
+            default="minmax",
+            show_default=True,
+            help="Activation ranges from ONNX Runtime's calibrator (--int8).",
+        ),
+        click.option(
+            "--calib-percentile",
+            type=click.FloatRange(50, 100, min_open=True),
+            default=99.999,
+            show_default=True,
+            help="Percentile kept by --calib-method percentile.",
+        ),
+        click.option(
+            "--reduce-range/--no-reduce-range",
+            default=None,
+            help="7-bit weights in ORT's u8 x s8 kernels, which can saturate on CPUs without VNNI (--int8).  "
+            "[default: on when this CPU lacks VNNI]",
+        ),
+    )
+
+
+def int8_settings(int8: bool, calib_n: int, calib_method: str, calib_percentile: float, reduce_range):
+    """The Int8Settings the --int8 options describe, or None without --int8."""
+    if not int8:
+        return None
+    from ..exporters.int8 import Int8Settings
+
+    return Int8Settings(
+        calib_n=calib_n, calib_method=calib_method, percentile=calib_percentile, reduce_range=reduce_range
+    )
+
+
 def threads_option(help_text: str = "Intra-op threads (default: the library's choice)."):
     return click.option("--threads", type=click.IntRange(1, 256), default=None, help=help_text)
 

@@ -78,6 +78,8 @@ def command(
         click.echo(f"warning: {warning}", err=True)
     acc = accuracy(logits, ds.y)
     kind = "NENNI" if loaded.is_nenni else "dense"
+    if loaded.metadata.get("nenni.precision") == "int8":
+        kind += ", int8"
     click.echo(
         f"accuracy: {acc:.2f} % on {len(ds)} {name} {split} images ({kind} model, {used}, "
         f"{seconds:.2f} s, {len(ds) / seconds:.0f} images/s)"

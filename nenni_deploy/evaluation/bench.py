@@ -27,7 +27,7 @@ from ..runtime.loading import LoadedModel, load_onnx_checked
 from ..runtime.runners import PROVIDERS, OrtRunner
 from . import profile as op_profile
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: several models against one baseline; precision and costs as run
 PERCENTILES = (50, 90, 95, 99)
 
 
@@ -116,6 +116,25 @@ class Subject:
     def metadata(self) -> dict[str, str]:
         return self.plan.metadata if self.is_plan else self.loaded.metadata
 
+    @property
+    def precision(self) -> str:
+        return self.metadata.get("nenni.precision", "float32")
+
+    @property
+    def dense(self) -> bool:
+        if self.metadata.get("nenni.dense") == "true":
+            return True
+        if self.loaded is not None:
+            return not self.loaded.is_nenni
+        try:
+            return not json.loads(self.metadata.get("nenni.layers", "[]"))
+        except json.JSONDecodeError:
+            return True
+
+    def as_run(self) -> dict[str, Any]:
+        """MACs and BitOPs per image of what this file computes, at the precision it computes in."""
+        return cost_as_run(self.cost, dense=self.dense, precision=self.precision)
+
     def input_shape(self, batch: int) -> tuple[int, ...]:
         spec = self.plan.input_specs()[0] if self.is_plan else self.loaded.inputs[0]
         dims = list(spec.shape)
@@ -148,8 +167,10 @@ class Subject:
             "dense": not layers,
             "nenni_layers": layers,
             "noise": meta.get("nenni.noise", "none"),
+            "precision": self.precision,
             "config": config,
             "cost": self.cost,
+            "as_run": self.as_run(),
         }
 
     def close(self) -> None:
@@ -164,6 +185,31 @@ def _cost(metadata: dict[str, str]) -> dict[str, float]:
     except json.JSONDecodeError:
         return {}
     return cost if isinstance(cost, dict) else {}
+
+
+def cost_as_run(cost: dict[str, float], *, dense: bool, precision: str) -> dict[str, Any]:
+    """Per-image MACs and BitOPs of what a file computes (from its `nenni.cost` metadata).
+
+    MACs do not depend on the precision. BitOPs do: `nenni calibrate` counts them at W8A8 (the exact path and
+    dense layers at 8 x 8 bits, the approximator at its bits x 8, the ternary projection as 8-bit additions),
+    which is what an int8 export runs; a float32 export runs every multiply-accumulate at 32 x 32 bits and the
+    projection's additions at 32 bits.
+    """
+    if not cost:
+        return {"macs": None, "bitops": None, "bits": None}
+    int8 = precision == "int8"
+    if dense:
+        macs = cost.get("macs_dense")
+        bitops = cost.get("bitops_dense") if int8 else (macs * 32 * 32 if macs else None)
+    else:
+        macs = cost.get("macs_nenni")
+        if int8:
+            bitops = cost.get("bitops_nenni")
+        elif "macs_exact" in cost and "macs_approx" in cost:
+            bitops = 32 * 32 * (cost["macs_exact"] + cost["macs_approx"]) + 32 * cost.get("adds_projection", 0.0)
+        else:
+            bitops = None
+    return {"macs": macs, "bitops": bitops, "bits": "W8A8, approximator at its bits" if int8 else "fp32"}
 
 
 # -- statistics -------------------------------------------------------------------------------------------------
@@ -384,51 +430,79 @@ def bench_batch(
         "load": load.report(),
         "providers_used": providers,
     }
-    if len(subjects) == 2:
-        result["speedup"] = speedup_interval(round_means[1], round_means[0])
+    if len(subjects) > 1 and subjects[-1].label == "baseline":  # each model's speedup over the baseline
+        result["speedups"] = {
+            s.label: speedup_interval(round_means[-1], round_means[i]) for i, s in enumerate(subjects[:-1])
+        }
     return result
 
 
 def ideal_speedups(model: Subject, baseline: Subject | None) -> dict[str, float | None]:
-    """What the model's MAC and BitOPs counts promise over its dense form (from the export's metadata)."""
-    cost = model.cost
-    if not cost:
-        return {"mac": None, "bitops": None}
-    macs_dense, bitops_dense = cost.get("macs_dense"), cost.get("bitops_dense")
-    if baseline is not None and baseline.cost:  # the baseline as it is, should it differ from this model's dense form
-        macs_dense, bitops_dense = (
-            baseline.cost.get("macs_nenni", macs_dense),
-            baseline.cost.get("bitops_nenni", bitops_dense),
-        )
-    mac = macs_dense / cost["macs_nenni"] if macs_dense and cost.get("macs_nenni") else None
-    bitops = bitops_dense / cost["bitops_nenni"] if bitops_dense and cost.get("bitops_nenni") else None
+    """What the MAC and BitOPs counts promise for `model` over `baseline` as both run (`cost_as_run`); without a
+    baseline, over the model's own dense form at the model's precision."""
+    mine = model.as_run()
+    ref = baseline.as_run() if baseline is not None else cost_as_run(model.cost, dense=True, precision=model.precision)
+    mac = ref["macs"] / mine["macs"] if ref["macs"] and mine["macs"] else None
+    bitops = ref["bitops"] / mine["bitops"] if ref["bitops"] and mine["bitops"] else None
     return {"mac": mac, "bitops": bitops}
 
 
+def _ideal_entry(speedup: float, ideal: dict[str, float | None]) -> dict[str, float | None]:
+    return {
+        "mac_speedup": ideal["mac"],
+        "bitops_speedup": ideal["bitops"],
+        "fraction_of_mac_ideal": speedup / ideal["mac"] if ideal["mac"] else None,
+        "fraction_of_bitops_ideal": speedup / ideal["bitops"] if ideal["bitops"] else None,
+    }
+
+
+def model_labels(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """`model` for one model; the file names (made unique) for several."""
+    if len(paths) == 1:
+        return ["model"]
+    labels: list[str] = []
+    for path in paths:
+        base = Path(path).name.removesuffix(".onnx").removesuffix(".plan") or "model"
+        label, i = base, 2
+        while label in labels or label == "baseline":
+            label, i = f"{base}-{i}", i + 1
+        labels.append(label)
+    return labels
+
+
 def run_bench(
-    model_path: str | os.PathLike,
+    model_path: str | os.PathLike | Sequence[str | os.PathLike],
     baseline_path: str | os.PathLike | None,
     settings: BenchSettings,
     *,
     progress: bool = True,
     force: bool = False,
 ) -> dict[str, Any]:
-    """The whole benchmark: every batch size, both models interleaved, optional profile; a JSON-ready report.
+    """The whole benchmark: every batch size, every model and the baseline interleaved round by round, optional
+    profile; a JSON-ready report. `model_path` is one file or several (each gets its speedup over the baseline).
 
-    A baseline must be the same classifier's dense form (`check_pair`) unless `force`."""
+    A baseline must be the same classifier's dense form as every model (`check_pair`) unless `force`."""
     settings.validate()
-    model = Subject.load("model", model_path)
+    paths = [model_path] if isinstance(model_path, (str, os.PathLike)) else list(model_path)
+    if not paths:
+        raise NenniError("nenni bench needs at least one model")
+    subjects: list[Subject] = []
     try:
+        for label, path in zip(model_labels(paths), paths, strict=True):
+            subjects.append(Subject.load(label, path))
         baseline = Subject.load("baseline", baseline_path) if baseline_path is not None else None
     except BaseException:
-        model.close()
+        for s in subjects:
+            s.close()
         raise
-    subjects = [model] + ([baseline] if baseline else [])
+    models = list(subjects)
+    subjects += [baseline] if baseline else []
     try:
-        pairing = check_pair(model, baseline, force=force) if baseline else None
-        report = _run(model, baseline, subjects, settings, progress)
-        if pairing is not None:
-            report["pairing"] = pairing
+        pairings = {m.label: check_pair(m, baseline, force=force) for m in models} if baseline else None
+        report = _run(models, baseline, subjects, settings, progress)
+        if pairings is not None:
+            report["pairing"] = pairings[models[0].label]  # the first model's, as in schema 1
+            report["pairings"] = pairings
         return report
     finally:
         for s in subjects:
@@ -466,7 +540,7 @@ def check_pair(model: Subject, baseline: Subject, *, force: bool = False) -> dic
 
 
 def _run(
-    model: Subject, baseline: Subject | None, subjects: list[Subject], settings: BenchSettings, progress: bool
+    models: list[Subject], baseline: Subject | None, subjects: list[Subject], settings: BenchSettings, progress: bool
 ) -> dict[str, Any]:
     if any(s.is_plan for s in subjects) and settings.profile:
         raise NenniError("--profile profiles ONNX Runtime sessions; for engines use nsys or trtexec --dumpProfile")
@@ -485,16 +559,17 @@ def _run(
             batches.append(bench_batch(subjects, b, settings, tick=bar.update))
     finally:
         bar.close()
-    ideal = ideal_speedups(model, baseline)
+    ideals = {m.label: ideal_speedups(m, baseline) for m in models}
+    ideal = ideals[models[0].label]
     for entry in batches:
-        if "speedup" in entry:
-            sp = entry["speedup"]["speedup"]
-            entry["ideal"] = {
-                "mac_speedup": ideal["mac"],
-                "bitops_speedup": ideal["bitops"],
-                "fraction_of_mac_ideal": sp / ideal["mac"] if ideal["mac"] else None,
-                "fraction_of_bitops_ideal": sp / ideal["bitops"] if ideal["bitops"] else None,
-            }
+        if baseline is None:
+            continue
+        entry["ideals"] = {}
+        for m in models:
+            sp = entry["speedups"][m.label]["speedup"]
+            entry["ideals"][m.label] = _ideal_entry(sp, ideals[m.label])
+        entry["speedup"] = entry["speedups"][models[0].label]  # the first model's, as in schema 1
+        entry["ideal"] = entry["ideals"][models[0].label]
     report: dict[str, Any] = {
         "schema": "nenni-bench",
         "schema_version": SCHEMA_VERSION,
@@ -502,6 +577,7 @@ def _run(
         "settings": {**asdict(settings), "batches": list(settings.batches), "threads": settings.intra_threads},
         "models": {s.label: s.describe() for s in subjects},
         "ideal": ideal,
+        "ideals": ideals,
         "batches": batches,
         "environment": environment(settings, batches[-1]["providers_used"] if batches else {}),
     }

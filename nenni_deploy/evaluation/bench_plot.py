@@ -34,15 +34,19 @@ def plot_report(report: dict[str, Any], out: str | Path) -> None:
     if paired:
         ax = axes[0][1]
         xs = [b["batch"] for b in batches]
-        sp = [b["speedup"]["speedup"] for b in batches]
-        lo = [s - b["speedup"]["ci_low"] for s, b in zip(sp, batches, strict=True)]
-        hi = [b["speedup"]["ci_high"] - s for s, b in zip(sp, batches, strict=True)]
-        ax.errorbar(xs, sp, yerr=[lo, hi], marker="o", capsize=4, label="measured (95 % CI)")
-        ideal = report.get("ideal", {})
-        if ideal.get("mac"):
-            ax.axhline(ideal["mac"], color="C1", linestyle="--", label=f"MAC-ideal {ideal['mac']:.2f}x")
-        if ideal.get("bitops"):
-            ax.axhline(ideal["bitops"], color="C2", linestyle=":", label=f"BitOPs-ideal {ideal['bitops']:.2f}x")
+        per_model = {label: [b.get("speedups", {"model": b["speedup"]})[label] for b in batches]
+                     for label in batches[0].get("speedups", {"model": None})}  # fmt: skip
+        ideals = report.get("ideals") or {"model": report.get("ideal", {})}
+        for i, (label, points) in enumerate(per_model.items()):
+            sp = [p["speedup"] for p in points]
+            lo = [s - p["ci_low"] for s, p in zip(sp, points, strict=True)]
+            hi = [p["ci_high"] - s for s, p in zip(sp, points, strict=True)]
+            name = "measured" if len(per_model) == 1 else label
+            ax.errorbar(xs, sp, yerr=[lo, hi], marker="o", capsize=4, color=f"C{i}", label=f"{name} (95 % CI)")
+            ideal = ideals.get(label) or {}
+            if ideal.get("mac"):
+                ax.axhline(ideal["mac"], color=f"C{i}", linestyle="--", linewidth=0.8,
+                           label=f"{name} MAC-ideal {ideal['mac']:.2f}x")  # fmt: skip
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")

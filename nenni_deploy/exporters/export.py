@@ -12,6 +12,7 @@ import copy
 import io
 import json
 import logging
+import math
 import re
 import time
 import warnings
@@ -30,8 +31,10 @@ from ..nenni.cost import cost_report
 from ..nenni.layers import NenniLayer, ScaledConv2d, ScaledLinear, nenni_layers
 from . import graph, ops, tensorrt_check, tune
 from . import torch_ops as _torch_ops  # noqa: F401  (registers the custom ops)
+from .lowering_model import Layer, load_lowering_model
 
 TARGETS = ("ort", "tensorrt")
+CHOOSERS = ("auto", "tune")  # --channel-lowering values that choose per layer
 MIN_OPSET = 18
 MAX_OPSET = 23  # the highest the torch exporter and ONNX Runtime 1.31 agree on here
 DEFAULT_OPSET = 18
@@ -48,9 +51,13 @@ class ExportOptions:
     noise_seed: int | None = None  # None: fresh noise in every session
     # Channel layers in ORT: "skip" computes only the essential filters; "masked" the dense convolution, then
     # selects (same outputs); or a map from layer name to one of them (what `nenni export --tune` chose).
-    channel_lowering: str | dict[str, str] = "skip"  # or "auto": time both per layer (`tune`), keep the faster
-    tune_batch: int = 1
+    # "auto": the measured lowering model (lowering_model.py) decides per layer from its shape, the batch size
+    # and the precision; "tune": time both bodies on every layer (tune.py) and keep the faster.
+    channel_lowering: str | dict[str, str] = "skip"
+    tune_batch: int = 1  # the batch size "auto" decides for and "tune" times at
     tune_threads: int = 1
+    precision: str = "float32"  # what the export will run in ("int8" when exporters.int8 quantizes it after)
+    batch: int | None = None  # a static batch size (None: a dynamic batch axis); the grouped lowering needs one
 
     def validate(self) -> None:
         if self.target not in TARGETS:
@@ -60,12 +67,16 @@ class ExportOptions:
         if self.noise_seed is not None and not 0 <= self.noise_seed <= ops.MAX_SEED:
             raise NenniError(f"--noise-seed must be in [0, {ops.MAX_SEED}], got {self.noise_seed}")
         choices = self.channel_lowering.values() if isinstance(self.channel_lowering, dict) else [self.channel_lowering]
-        allowed = (*ops.CHANNEL_LOWERINGS, "auto")
+        allowed = (*ops.CHANNEL_LOWERINGS, *CHOOSERS)
         for choice in choices:
-            if choice not in allowed or (choice == "auto" and isinstance(self.channel_lowering, dict)):
+            if choice not in allowed or (choice in CHOOSERS and isinstance(self.channel_lowering, dict)):
                 raise NenniError(
                     f"--channel-lowering must be one of {', '.join(ops.CHANNEL_LOWERINGS)}, got {choice!r}"
                 )
+            if choice in ops.STATIC_BATCH_LOWERINGS and self.batch is None:
+                raise NenniError(f"--channel-lowering {choice} needs a static batch size: add --batch N")
+        if self.batch is not None and self.batch < 1:
+            raise NenniError(f"--batch must be >= 1, got {self.batch}")
 
 
 @dataclass
@@ -159,9 +170,10 @@ def _quiet_exporter():
             lg.setLevel(level)
 
 
-def trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int) -> ir.Model:
-    """torch.onnx.export with a dynamic batch axis; the ONNX IR model, optimised by the exporter."""
-    example = torch.rand(2, *input_shape)
+def trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int, batch: int | None = None) -> ir.Model:
+    """torch.onnx.export with a dynamic batch axis (or the static `batch`); the ONNX IR model, optimised by the
+    exporter."""
+    example = torch.rand(batch or 2, *input_shape)
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
@@ -171,7 +183,7 @@ def trace_to_onnx(module: nn.Module, input_shape: tuple[int, ...], opset: int) -
                 opset_version=opset,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamic_shapes=({0: torch.export.Dim("batch")},) if batch is None else None,
                 custom_translation_table=_torch_ops.TRANSLATION_TABLE,
                 optimize=True,
                 verbose=False,
@@ -212,21 +224,29 @@ def build_onnx(
     """The finished in-memory ONNX model for `options.target`, checked (checker and shape inference)."""
     options.validate()
     start = time.perf_counter()
-    traced = trace_to_onnx(export_module(model, options), tuple(input_shape), options.opset)
+    traced = trace_to_onnx(export_module(model, options), tuple(input_shape), options.opset, options.batch)
     proto = tidy(traced)
     graph.trim_unused_outputs(proto)
     graph.name_nenni_nodes(proto)
-    tuning = None
-    if options.channel_lowering == "auto" and options.target == "ort" and not options.dense:
+    tuning = choices = None
+    choosing = options.target == "ort" and not options.dense
+    if options.channel_lowering == "tune" and choosing:
         tuning = tune.tune_channel_lowerings(proto, batch=options.tune_batch, threads=options.tune_threads)
         lowerings = {t.name: t.choice for t in tuning}
+    elif options.channel_lowering == "auto" and choosing:
+        batch = options.batch or options.tune_batch  # a static-batch graph runs at its own batch size
+        choices = modelled_lowerings(proto, precision=options.precision, batch=batch, static=options.batch is not None)
+        lowerings = {c["layer"]: c["choice"] for c in choices["layers"]}
     else:
-        lowerings = _lowerings(proto, "skip" if options.channel_lowering == "auto" else options.channel_lowering)
+        lowering = "skip" if options.channel_lowering in CHOOSERS else options.channel_lowering
+        lowerings = _lowerings(proto, lowering)
     graph.shape_for_target(proto, options.target, options.opset, lowerings)
     graph.document_io(proto, input_shape)
     metadata = graph.metadata_for(card, options, proto)
     metadata["nenni.cost"] = json.dumps(_cost_totals(model, input_shape, dense=options.dense), sort_keys=True)
     metadata["nenni.overloads"] = json.dumps({n.name: n.overload for n in graph.nenni_nodes(proto, ops.LAYER_OPS)})
+    if choices is not None:
+        metadata["nenni.lowering"] = json.dumps(choices)
     if tuning is not None:
         metadata["nenni.tuning"] = json.dumps(
             {"batch": options.tune_batch, "threads": options.tune_threads, "layers": [asdict(t) for t in tuning]}
@@ -237,6 +257,45 @@ def build_onnx(
         tensorrt_check.check_tensorrt_graph(proto, "the TensorRT-target export")
     seconds = time.perf_counter() - start
     return ExportedModel(proto, seconds, graph.node_counts(proto))
+
+
+def modelled_lowerings(proto: onnx.ModelProto, *, precision: str, batch: int, static: bool = False) -> dict[str, Any]:
+    """The lowering model's choice for every channel NenniConv node (others keep the skipping body), with the
+    features it decided on (width, output positions, the essential ratio K / C_out) and its predictions of each
+    candidate's time over the masked body's. `static`: the graph has a static batch size (of `batch`), so the
+    grouped body is a candidate too."""
+    model = load_lowering_model()
+    shapes = tune.value_shapes(proto)
+    weights = {t.name: list(t.dims) for t in proto.graph.initializer}
+    candidates = ("skip", "grouped") if static else ("skip",)
+    layers = []
+    for node in graph.nenni_nodes(proto, (ops.CONV,)):
+        w, out = weights.get(node.input[1]), shapes.get(node.output[0])
+        if graph.node_attr(node, "granularity") != "channel" or not w or len(w) != 4:
+            continue
+        if not out or any(not isinstance(d, int) for d in out[2:]):
+            raise NenniError(f"cannot choose a lowering for {node.name}: its output shape is unknown ({out})")
+        n, c_in, kh, kw = w
+        layer = Layer(c_in, n, out[2] * out[3], (kh, kw))
+        ratio = int(graph.node_attr(node, "k", 1)) / n
+        over_masked = {
+            v: math.exp(model.predict_log_ratio(precision, batch, ratio, layer, v))
+            for v in candidates
+            if v in model.variants()
+        }
+        layers.append(
+            {
+                "layer": node.name,
+                "c_in": c_in,
+                "c_out": n,
+                "width": layer.width,
+                "positions": layer.positions,
+                "ratio": ratio,
+                "over_masked": over_masked,
+                "choice": model.choose(precision, batch, ratio, layer, candidates),
+            }
+        )
+    return {"mode": "auto", "precision": precision, "batch": batch, "model": model.measured, "layers": layers}
 
 
 def _lowerings(proto: onnx.ModelProto, choice: str | dict[str, str]) -> dict[str, str]:

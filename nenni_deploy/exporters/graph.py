@@ -104,7 +104,21 @@ def layer_overload(node: NodeProto, proto: ModelProto | None = None, lowering: s
         weight = next((t for t in proto.graph.initializer if t.name == node.input[1]), None)
         if weight is not None and len(weight.dims) == 4:
             kernel = tuple(weight.dims[2:])
-    return ops.overload_name(node_attr(node, "granularity"), node_attr(node, "rank", "signed"), kernel, lowering)
+    int8 = node_attr(node, "x_scale") is not None  # the int8 form's calibrated attributes (exporters/int8.py)
+    if node.op_type != ops.CONV and lowering in ops.STATIC_BATCH_LOWERINGS:
+        lowering = "skip"  # a linear layer's skipping body is already one batched product per sample
+    return ops.overload_name(
+        node_attr(node, "granularity"), node_attr(node, "rank", "signed"), kernel, lowering, int8=int8
+    )
+
+
+def static_batch(proto: ModelProto, why: str = "") -> int:
+    """The graph input's fixed batch size; a NenniError for a dynamic batch axis."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value < 1:
+        reason = f" ({why})" if why else ""
+        raise NenniError(f"the grouped channel lowering needs a static batch size: export with --batch N{reason}")
+    return int(dims[0].dim_value)
 
 
 def model_opset(proto: ModelProto) -> int:
@@ -120,6 +134,9 @@ def attach_functions(proto: ModelProto, lowerings: dict[str, str] | None = None)
             _remove_attrs(node, ("seed",))  # the TensorRT form's "unseeded" marker; ORT seeds itself without one
         lowering = (lowerings or {}).get(node.name, "skip")
         node.overload = layer_overload(node, proto, lowering) if node.op_type in ops.LAYER_OPS else ""
+        _remove_attrs(node, ("batch",))
+        if ops.lowering_of_overload(node.overload) in ops.STATIC_BATCH_LOWERINGS:
+            node.attribute.append(helper.make_attribute("batch", static_batch(proto, node.name)))
     _drop_nenni_functions(proto)
     seen: dict[tuple[str, str], NodeProto] = {}
     for node in nenni_nodes(proto):
@@ -212,6 +229,7 @@ def metadata_for(card: dict[str, Any], options, proto: ModelProto) -> dict[str, 
         "nenni.domain_version": str(ops.DOMAIN_VERSION),
         "nenni.target": options.target,
         "nenni.dense": json.dumps(bool(options.dense)),
+        "nenni.precision": "float32",  # exporters/int8.py: "int8"
         "nenni.kind": "dense" if options.dense else str(card.get("kind", "dense")),
         "nenni.arch": str(card.get("arch", "")),
         "nenni.dataset": str(data.get("name") or card.get("metrics", {}).get("data") or ""),

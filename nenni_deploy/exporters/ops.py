@@ -79,6 +79,22 @@ def _default(name: str, value, doc: str) -> OpSchema.Attribute:
     return OpSchema.Attribute(name, helper.make_attribute(name, value), doc)
 
 
+# The int8 form (`nenni export --int8`, exporters/int8.py): a node carrying these runs its `_int8` body
+# (exporters/ops_int8.py). Activation scales and zero points are calibrated; weights stay float in the node and
+# are quantized per filter inside the body, which ONNX Runtime constant-folds at load.
+_INT8_ATTRIBUTES = (
+    ("x_scale", _A.FLOAT, "int8 form: scale of the uint8 input X"),
+    ("x_zero_point", _A.INT, "int8 form: zero point of the uint8 input X"),
+    ("u_scale", _A.FLOAT, "int8 form: scale of the uint8 projection P x"),
+    ("u_zero_point", _A.INT, "int8 form: zero point of the uint8 projection"),
+    ("y_scale", _A.FLOAT, "int8 form: scale of the uint8 exact output (bodies that compute it densely)"),
+    ("y_zero_point", _A.INT, "int8 form: zero point of the uint8 exact output"),
+    ("w_bits", _A.INT, "int8 form: bits of the symmetric per-filter exact weights (8, or 7 for reduced range)"),
+    ("approx_bits", _A.INT, "int8 form: bits of the approximator weights (its fake-quantisation grid, at most 8)"),
+)
+INT8_ATTRIBUTE_NAMES = tuple(name for name, _, _ in _INT8_ATTRIBUTES)
+
+
 def _layer_attributes(conv: bool) -> list[OpSchema.Attribute]:
     attrs = [
         OpSchema.Attribute("granularity", _A.STRING, "element | threshold | nm | channel", required=True),
@@ -89,6 +105,8 @@ def _layer_attributes(conv: bool) -> list[OpSchema.Attribute]:
         _default("threshold", 0.0, "score threshold (threshold granularity)"),
         OpSchema.Attribute("plugin_namespace", _A.STRING, "TensorRT plugin namespace", required=False),
         OpSchema.Attribute("plugin_version", _A.STRING, "TensorRT plugin version", required=False),
+        *(OpSchema.Attribute(name, kind, doc, required=False) for name, kind, doc in _INT8_ATTRIBUTES),
+        OpSchema.Attribute("batch", _A.INT, "the graph's static batch size (grouped lowering)", required=False),
     ]
     if conv:
         attrs += [
@@ -229,24 +247,32 @@ def _infer_same(ctx) -> None:
 
 
 # -- node attributes --------------------------------------------------------------------------------------------
-CHANNEL_LOWERINGS = ("skip", "masked")
+CHANNEL_LOWERINGS = ("skip", "masked", "grouped")
+STATIC_BATCH_LOWERINGS = ("grouped",)  # need the batch size in the graph (a convolution's `group`)
 
 
-def overload_name(granularity: str, rank: str, kernel: Sequence[int] | None = None, lowering: str = "skip") -> str:
+def overload_name(
+    granularity: str, rank: str, kernel: Sequence[int] | None = None, lowering: str = "skip", int8: bool = False
+) -> str:
     """Which function body implements a layer node: one per (granularity, rank), and for channel convolutions
     whose kernel size is known, one per kernel size (`channel_signed_k3x3`): that body cuts its patches with
     one strided Slice per kernel tap instead of a Gather over computed offsets, several times faster in ORT.
     `lowering="masked"` picks the channel body that computes the exact layer densely (a prepacked convolution)
     and selects: the same outputs, no skipping, faster in ORT on CPU where explicit patches cost more than the
-    whole dense convolution."""
+    whole dense convolution. `lowering="grouped"` (channel convolutions of a static-batch graph) runs the exact
+    path as one convolution with a group per sample over the gathered filters (node attribute `batch`).
+    `int8` appends `_int8`: the same op on uint8 activations and int8 weights
+    (exporters/ops_int8.py)."""
+    if int8:
+        return overload_name(granularity, rank, kernel, lowering) + INT8_SUFFIX
     if granularity not in GRANULARITIES:
         raise ValueError(f"unknown granularity {granularity!r}")
     if rank not in RANKS:
         raise ValueError(f"unknown rank {rank!r}")
     if lowering not in CHANNEL_LOWERINGS:
         raise ValueError(f"unknown channel lowering {lowering!r}")
-    if lowering == "masked" and granularity == "channel":
-        return f"{granularity}_{rank}_masked"
+    if lowering in ("masked", "grouped") and granularity == "channel":
+        return f"{granularity}_{rank}_{lowering}"
     if kernel is not None and granularity == "channel":
         kh, kw = (int(v) for v in kernel)
         if kh < 1 or kw < 1:
@@ -255,12 +281,24 @@ def overload_name(granularity: str, rank: str, kernel: Sequence[int] | None = No
     return f"{granularity}_{rank}"
 
 
+INT8_SUFFIX = "_int8"
+
+
+def is_int8_overload(overload: str) -> bool:
+    return overload.endswith(INT8_SUFFIX)
+
+
+def _float_part(overload: str) -> str:
+    return overload[: -len(INT8_SUFFIX)] if is_int8_overload(overload) else overload
+
+
 def lowering_of_overload(overload: str) -> str:
-    return "masked" if overload.endswith("_masked") else "skip"
+    tail = _float_part(overload).rsplit("_", 1)[-1]
+    return tail if tail in CHANNEL_LOWERINGS else "skip"
 
 
 def kernel_of_overload(overload: str) -> tuple[int, int] | None:
-    tail = overload.rsplit("_", 1)[-1]
+    tail = _float_part(overload).rsplit("_", 1)[-1]
     if tail.startswith("k") and "x" in tail:
         kh, kw = tail[1:].split("x")
         return int(kh), int(kw)
@@ -516,8 +554,9 @@ def _im2col(b: _Body) -> tuple[str, str]:
 _BIG = 2**62  # a Slice end meaning "to the end"
 
 
-def _tap_columns(b: _Body, kernel: tuple[int, int]) -> str:
-    """Patches of X as (B, kh * kw * C_in, H_out, W_out), tap-major.
+def _tap_columns(b: _Body, kernel: tuple[int, int], source: str = "X", pad_value: str | None = None) -> str:
+    """Patches of `source` as (B, kh * kw * C_in, H_out, W_out), tap-major; padded with `pad_value` (a scalar
+    of the source's type; default float 0).
 
     One strided Slice of the padded input per kernel tap. The end of each slice counts back from the end
     of the axis, so its length is the convolution's output size whatever the input size, and every index
@@ -525,7 +564,8 @@ def _tap_columns(b: _Body, kernel: tuple[int, int]) -> str:
     """
     kh, kw = kernel
     pads, strides, dilations = b.ref("pads", "ints"), b.ref("strides", "ints"), b.ref("dilations", "ints")
-    padded = b("Pad", "X", pads, b("Constant", value_float=0.0), b.ints([2, 3]))
+    pad_value = pad_value or b("Constant", value_float=0.0)
+    padded = b("Pad", source, pads, pad_value, b.ints([2, 3]))
     axes = b.ints([2, 3])
     taps = []
     for ty in range(kh):
@@ -566,9 +606,22 @@ def _channel_conv_body(b: _Body, rank: str, kernel: tuple[int, int]) -> None:
     rows = b("Gather", _tap_rows(b, "W"), idx, axis=0)  # (B, K, d)
     bias = b("Unsqueeze", b("Gather", "B", idx, axis=0), b.ints([2]))
     exact = b("Add", b("MatMul", rows, cols), bias)  # (B, K, L)
+    _channel_conv_fill(b, pred, idx, exact, out_shape, channel_score)
+
+
+def _row_indices(b: _Body, idx: str) -> str:
+    """(B, K, 2) indices [sample, channel] of the selected rows: ScatterND writes whole rows of L values (one
+    copy each), where ScatterElements indexes every element (about 9x slower in ORT at batch 64)."""
+    samples = b("Range", b.int_(0), b("Gather", b("Shape", idx), b.int_(0), axis=0), b.int_(1))
+    samples = b("Expand", b("Unsqueeze", samples, b.ints([1])), b("Shape", idx))  # (B, K)
+    return b("Concat", b("Unsqueeze", samples, b.ints([2])), b("Unsqueeze", idx, b.ints([2])), axis=2)
+
+
+def _channel_conv_fill(b: _Body, pred: str, idx: str, exact: str, out_shape: str, channel_score: str) -> None:
+    """The exact rows (B, K, L) overwrite the prediction (B, n, L) at the selected channels; Y and M reshaped
+    to (B, n, H_out, W_out) (`out_shape` is the patches' shape, whose batch and spatial dims Y keeps)."""
     b.stage = "fill"
-    index = b("Expand", b("Unsqueeze", idx, b.ints([2])), b("Shape", exact))
-    filled = b("ScatterElements", pred, index, exact, axis=1)
+    filled = b("ScatterND", pred, _row_indices(b, idx), exact)
     n = b("Shape", "W", start=0, end=1)
     y_shape = b(
         "Concat",
@@ -580,6 +633,34 @@ def _channel_conv_body(b: _Body, rank: str, kernel: tuple[int, int]) -> None:
     b("Reshape", filled, y_shape, outputs=["Y"])
     channel_mask = _scatter_mask(b, channel_score, idx, axis=1)
     b("Expand", b("Unsqueeze", channel_mask, b.ints([2, 3])), y_shape, outputs=["M"])
+
+
+def _channel_grouped_body(b: _Body, rank: str) -> None:
+    """Channel convolution of a static-batch graph: the prediction as in the masked body, then the K selected
+    filters of every sample in one convolution whose groups are the samples (X seen as (1, B * C_in, H, W)):
+    the convolution kernel reads the input in place, with no explicit patches."""
+    pred, score = _prediction(b, True, rank)
+    idx, channel_score = _channel_indices(b, score, [2, 3], ascending=False)  # (B, K), (B, n)
+    b.stage = "exact"
+    w_shape = b("Shape", "W")
+    rows = b("Reshape", b("Gather", "W", idx, axis=0), b("Concat", b.ints([-1]), _tail(b, w_shape, 1), axis=0))
+    bias = b("Reshape", b("Gather", "B", idx, axis=0), b.ints([-1]))  # (B * K,)
+    exact = b("Conv", _as_groups(b, "X"), rows, bias, refs=_GROUPED_REFS)  # (1, B * K, H_out, W_out)
+    exact = b("Reshape", exact, b("Concat", b("Shape", idx), b.ints([-1]), axis=0))  # (B, K, L)
+    out_shape = b("Shape", pred)
+    _channel_conv_fill(b, b("Reshape", pred, b.ints([0, 0, -1])), idx, exact, out_shape, channel_score)
+
+
+_GROUPED_REFS = {**_GEOMETRY_REFS, "group": ("batch", AttributeProto.INT)}
+
+
+def _tail(b: _Body, shape: str, start: int) -> str:
+    return b("Slice", shape, b.ints([start]), b.ints([_BIG]))
+
+
+def _as_groups(b: _Body, x: str) -> str:
+    """(B, C, H, W) as (1, B * C, H, W): one convolution group per sample."""
+    return b("Reshape", x, b("Concat", b.ints([1, -1]), _tail(b, b("Shape", x), 2), axis=0))
 
 
 def _channel_body(b: _Body, conv: bool, rank: str) -> None:
@@ -608,9 +689,11 @@ def _channel_body(b: _Body, conv: bool, rank: str) -> None:
         b("Identity", _scatter_mask(b, channel_score, idx, axis=1), outputs=["M"])
 
 
-def _layer_attribute_names(conv: bool, granularity: str) -> list[str]:
+def _layer_attribute_names(conv: bool, granularity: str, int8: bool = False, lowering: str = "skip") -> list[str]:
     names = {"element": ["k"], "channel": ["k"], "nm": ["nm"], "threshold": ["threshold"]}[granularity]
-    return names + (["strides", "pads", "dilations"] if conv else [])
+    names += ["strides", "pads", "dilations"] if conv else []
+    names += ["batch"] if conv and lowering == "grouped" and granularity == "channel" else []
+    return names + (list(INT8_ATTRIBUTE_NAMES) if int8 else [])
 
 
 def layer_function(
@@ -627,9 +710,14 @@ def layer_function(
     conv = op_type == CONV
     kernel = tuple(int(v) for v in kernel) if kernel is not None and conv and granularity == "channel" else None
     lowering = lowering if granularity == "channel" else "skip"
+    if lowering == "grouped" and not conv:
+        lowering = "skip"  # a linear layer's skipping body is already one batched product per sample
     b = _Body()
     if granularity == "channel" and lowering == "masked":
         _masked_body(b, conv, granularity, rank)
+        kernel = None
+    elif granularity == "channel" and lowering == "grouped":
+        _channel_grouped_body(b, rank)
         kernel = None
     elif granularity == "channel" and kernel is not None:
         _channel_conv_body(b, rank, kernel)
@@ -644,7 +732,7 @@ def layer_function(
         ["Y", "M"],
         b.nodes,
         [helper.make_opsetid("", opset)],
-        attributes=_layer_attribute_names(conv, granularity),
+        attributes=_layer_attribute_names(conv, granularity, lowering=lowering),
         doc_string=f"{op_type} ({granularity}, {rank} ranking) in standard ONNX ops",
         overload=overload_name(granularity, rank, kernel, lowering),
     )
@@ -677,9 +765,12 @@ def function_for_node(node: NodeProto, opset: int) -> FunctionProto:
     granularity = _text(attrs.get("granularity"))
     rank = _text(attrs.get("rank", b"signed"))
     overload = node.overload
-    return layer_function(
-        node.op_type, granularity, rank, opset, kernel_of_overload(overload), lowering_of_overload(overload)
-    )
+    kernel, lowering = kernel_of_overload(overload), lowering_of_overload(overload)
+    if is_int8_overload(overload):
+        from .ops_int8 import layer_function_int8
+
+        return layer_function_int8(node.op_type, granularity, rank, opset, kernel, lowering)
+    return layer_function(node.op_type, granularity, rank, opset, kernel, lowering)
 
 
 def _text(value) -> str:

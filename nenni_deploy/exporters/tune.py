@@ -29,7 +29,8 @@ class LayerTiming:
         return "skip" if self.skip_ms <= self.masked_ms else "masked"
 
 
-def _input_shapes(proto: ModelProto) -> dict[str, list]:
+def value_shapes(proto: ModelProto) -> dict[str, list]:
+    """Every value's inferred shape (None for unknown dimensions)."""
     ops.register_schemas()
     inferred = onnx.shape_inference.infer_shapes(proto)
     shapes = {}
@@ -95,7 +96,7 @@ def tune_channel_lowerings(
     """Time both lowerings of every channel NenniConv node of an ORT-target export; one entry per layer."""
     if batch < 1 or threads < 1 or not seconds > 0:
         raise NenniError("tuning needs batch >= 1, threads >= 1 and a positive time per layer")
-    shapes = _input_shapes(proto)
+    shapes = value_shapes(proto)
     rng = np.random.default_rng(seed)
     timings = []
     for node in graph.nenni_nodes(proto, (ops.CONV,)):

@@ -132,6 +132,13 @@ class OrtRunner(Runner):
         if provider not in PROVIDERS:
             raise NenniError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
         self.model = model if isinstance(model, LoadedModel) else check_proto(model)
+        if provider != "cpu" and self.model.metadata.get("nenni.precision") == "int8":
+            # The int8 form targets ORT's CPU integer kernels (QLinearConv, MatMulInteger u8 x u8, ...); the GPU
+            # providers lack most of them and would run the graph in pieces on the CPU, or not at all.
+            raise NenniError(
+                f"{self.model.path or 'the model'} is an int8 export for ONNX Runtime's CPU provider; "
+                f"--provider {provider} cannot run it (use --provider cpu, or export without --int8 for GPUs)"
+            )
         self.provider = provider
         self.threads = threads
         self.inter_op_threads = inter_op_threads
