@@ -324,9 +324,9 @@ def evaluate(
 
 
 def _probe_row(rows: list[Row]) -> Row | None:
-    """The attack the large-eps check runs: BPDA (with EOT) on NENNI, EOT on noise, else PGD-CE; with no
-    gradient of the target, Square, else a transfer attack."""
-    for prefix in ("bpda-exact", "eot", "pgd-ce", "square", "hsj", "transfer-pgd", "transfer"):
+    """The attack the large-eps check runs: BPDA (with EOT) on NENNI, EOT on noise, else PGD-CE or AutoAttack;
+    with no gradient of the target, Square (HopSkipJump on labels), else a transfer attack."""
+    for prefix in ("bpda-exact", "eot", "pgd-ce", "autoattack", "square", "hsj", "transfer-pgd", "transfer"):
         for r in rows:
             if r.name.startswith(prefix):
                 return r

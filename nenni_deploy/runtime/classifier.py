@@ -324,6 +324,8 @@ class OnnxClassifier(Runner):
         if self.spec.output == "labels":
             raise NenniError(f"{self.where} outputs labels only: score-based attacks do not apply to it")
         x = _numpy(x)
+        if len(x) == 0:
+            return np.zeros((0, self.spec.num_classes or 0), np.float32)
         raw = self._run(x).reshape(len(x), -1).astype(np.float32, copy=False)
         if self.spec.output == "probabilities":
             return np.log(np.maximum(raw, _TINY))
@@ -332,6 +334,8 @@ class OnnxClassifier(Runner):
     def labels(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
         self._bound()
         x = _numpy(x)
+        if len(x) == 0:
+            return np.zeros(0, np.int64)
         raw = self._run(x)
         if self.spec.output == "labels":
             return raw.reshape(len(x)).astype(np.int64)
