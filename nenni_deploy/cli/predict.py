@@ -58,7 +58,7 @@ def command(
 ):
     """Accuracy of MODEL_PATH (an .onnx file) on a data set, with ONNX Runtime."""
     from ..data import subset
-    from ..runtime import OrtRunner, RuntimeFallbackWarning, accuracy, load_onnx_checked, predict_dataset
+    from ..runtime import RuntimeFallbackWarning, accuracy, load_onnx_checked, open_runner, predict_dataset
 
     loaded = load_onnx_checked(model_path)
     spec = data_for_onnx(loaded.metadata, data_name, data_dir, image_size)
@@ -66,7 +66,7 @@ def command(
     ds = spec.load(split)
     if count:
         ds = subset(ds, count)
-    runner = OrtRunner(loaded, provider=provider, threads=threads, inter_op_threads=inter_op_threads)
+    runner = open_runner(loaded, provider=provider, threads=threads, inter_op_threads=inter_op_threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeFallbackWarning)  # reported once below, as one line
         with runner:

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import NenniError
 from ..files import sha256_file
 from ..runtime.loading import LoadedModel, load_onnx_checked
-from ..runtime.runners import PROVIDERS, OrtRunner
+from ..runtime.runners import PROVIDERS, open_runner
 from . import profile as op_profile
 
 SCHEMA_VERSION = 2  # 2: several models against one baseline; precision and costs as run
@@ -97,17 +97,8 @@ class Subject:
     @classmethod
     def _load_plan(cls, label: str, path: Path) -> Subject:
         """A TensorRT engine built by `nenni build`: timed with CUDA events by TensorRTRunner (GPU machines)."""
-        if not path.is_file():
-            raise NenniError(f"{path}: no such TensorRT engine file")
-        try:
-            from ..runtime.tensorrt.runner import TensorRTRunner
-
-            runner = TensorRTRunner(path)
-            runner.activate()
-        except ImportError:
-            raise NenniError(
-                f"{path}: TensorRT engines need TensorRT and a CUDA GPU (pip install -e '.[tensorrt]')"
-            ) from None
+        runner = open_runner(path)
+        runner.activate()
         if len(runner.input_specs()) != 1:
             raise NenniError(f"{path}: nenni bench needs an engine with one image input")
         return cls(label, path, None, sha256_file(path), _cost(runner.metadata), plan=runner)
@@ -335,7 +326,7 @@ class _Timed:
     """An active runner reduced to one call: run the session on a fixed input, nothing else timed."""
 
     def __init__(self, subject: Subject, settings: BenchSettings, batch: int, rng: np.random.Generator) -> None:
-        self.runner = OrtRunner(
+        self.runner = open_runner(
             subject.loaded, provider=settings.provider, threads=settings.intra_threads, inter_op_threads=1
         )
         self.runner.activate()

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..exporters.ops import STAGES
 from ..runtime.loading import LoadedModel
-from ..runtime.runners import OrtRunner
+from ..runtime.runners import open_runner
 
 _STAGE = re.compile(r"(?:^|[_/.])(" + "|".join(STAGES) + r")\.[A-Za-z]+_\d+")
 
@@ -65,7 +65,7 @@ def profile_model(loaded: LoadedModel, batch: int, shape: tuple[int, ...], setti
         options = ort.SessionOptions()
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
-        runner = OrtRunner(
+        runner = open_runner(
             loaded,
             provider=settings.provider,
             threads=settings.intra_threads,

@@ -89,9 +89,9 @@ class Target:
 
     def runner(self):
         if self._runner is None:
-            from ..runtime import OrtRunner
+            from ..runtime import open_runner
 
-            self._runner = OrtRunner(self.onnx, provider="cpu")
+            self._runner = open_runner(self.onnx, provider="cpu")
             self._runner.activate()
         return self._runner
 

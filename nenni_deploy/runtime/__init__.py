@@ -6,7 +6,15 @@ from __future__ import annotations
 from .classifier import ClassifierSpec, OnnxClassifier, PixelConvention, open_classifier
 from .loading import InputSpec, LoadedModel, check_proto, load_onnx_checked
 from .predict import accuracy, predict_dataset
-from .runners import PROVIDERS, OrtRunner, Runner, RuntimeFallbackWarning, TorchRunner, validate_input
+from .runners import (
+    PROVIDERS,
+    OrtRunner,
+    Runner,
+    RuntimeFallbackWarning,
+    TorchRunner,
+    open_runner,
+    validate_input,
+)
 
 __all__ = [
     "PROVIDERS",
@@ -14,6 +22,7 @@ __all__ = [
     "OnnxClassifier",
     "PixelConvention",
     "open_classifier",
+    "open_runner",
     "InputSpec",
     "LoadedModel",
     "OrtRunner",

@@ -28,7 +28,7 @@ from onnx import helper
 
 from ..errors import NenniError
 from .loading import InputSpec, LoadedModel, load_onnx_checked
-from .runners import OrtRunner, Runner
+from .runners import Runner, open_runner
 
 INPUT_RANGES = {"0-1": 1.0, "0-255": 255.0}
 LAYOUTS = ("auto", "nchw", "nhwc")
@@ -123,7 +123,7 @@ class OnnxClassifier(Runner):
         self.where = str(self.model.path) if self.model.path else "the model"
         self.pixels = pixels or PixelConvention()
         self.batch_size = batch_size
-        self.ort = OrtRunner(self.model, provider=provider, threads=threads, session_options=_options())
+        self.ort = open_runner(self.model, provider=provider, threads=threads, session_options=_options())
         self.spec = self._read_graph()
         self.randomised = self.model.noise_nodes > 0 or bool(_random_ops(self.model.proto))
         self.images_run = 0

@@ -21,7 +21,7 @@ from ..exporters import graph
 from ..nenni.layers import nenni_layers, set_mode
 from .loading import LoadedModel, check_proto
 from .predict import accuracy, predict_dataset
-from .runners import OrtRunner, TorchRunner
+from .runners import TorchRunner, open_runner
 
 NOISE_CHECK_IMAGES = 64
 NOISE_STD_TOLERANCE = 0.15  # relative; thousands of samples per layer make this loose enough
@@ -143,7 +143,7 @@ def check_parity(
     ref = torch_reference(model, dense=dense, noise=False)
     with TorchRunner(ref, input_shape, threads=threads) as tr:
         torch_logits = predict_dataset(tr, x, batch_size)
-    with OrtRunner(deterministic, threads=threads) as runner:
+    with open_runner(deterministic, threads=threads) as runner:
         onnx_logits = predict_dataset(runner, x, batch_size)
         warnings = list(runner.warnings)
     max_diff, mean_diff, agree = compare_logits(torch_logits, onnx_logits)
@@ -179,9 +179,9 @@ def noise_checks(
     seeded = check_proto(graph.with_noise_seed(proto, CHECK_SEED))
     runs = []
     for _ in range(2):  # two fresh sessions of one seeded model draw the same stream
-        with OrtRunner(seeded, threads=threads) as runner:
+        with open_runner(seeded, threads=threads) as runner:
             runs.append(predict_dataset(runner, sample, batch_size))
-    with OrtRunner(check_proto(proto), threads=threads) as runner:  # as exported: every run draws afresh
+    with open_runner(check_proto(proto), threads=threads) as runner:  # as exported: every run draws afresh
         first, second = (predict_dataset(runner, sample, batch_size) for _ in range(2))
     result: dict[str, Any] = {
         "images": len(sample),
@@ -191,7 +191,7 @@ def noise_checks(
         "layers": layer_noise_stats(proto, sample, threads=threads),
     }
     if y is not None:
-        with OrtRunner(check_proto(proto), threads=threads) as runner:
+        with open_runner(check_proto(proto), threads=threads) as runner:
             onnx_noisy = predict_dataset(runner, x, batch_size)
         with TorchRunner(torch_reference(model, dense=False, noise=True), tuple(x.shape[1:]), threads=threads) as tr:
             torch_noisy = predict_dataset(tr, x, batch_size)
@@ -203,7 +203,7 @@ def noise_checks(
 def layer_noise_stats(proto, sample: np.ndarray, *, threads: int | None) -> list[dict[str, Any]]:
     """Measured standard deviation of the noise each NenniNoise node adds to its non-essential neurons."""
     exposed, records = graph.expose_noise(proto)
-    with OrtRunner(check_proto(exposed), threads=threads) as runner:
+    with open_runner(check_proto(exposed), threads=threads) as runner:
         values = runner.infer({runner.input_specs()[0].name: sample})
     stats = []
     for record in records:

@@ -7,9 +7,11 @@ benchmarks do not care which one runs the model.
 
 from __future__ import annotations
 
+import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,7 @@ from onnx import ModelProto, TensorProto
 from torch import nn
 
 from ..errors import NenniError, first_line
-from .loading import InputSpec, LoadedModel, check_proto
+from .loading import InputSpec, LoadedModel, check_proto, load_onnx_checked
 from .providers import GpuSettings, prepare_cache_dir, provider_list
 
 PROVIDERS = {
@@ -212,6 +214,42 @@ class OrtRunner(Runner):
         except Exception as exc:
             raise NenniError(f"ONNX Runtime failed: {first_line(exc)}") from None
         return dict(zip(names, values, strict=True))
+
+
+def open_runner(
+    model: str | os.PathLike | LoadedModel | ModelProto,
+    *,
+    provider: str = "cpu",
+    threads: int | None = None,
+    inter_op_threads: int | None = None,
+    session_options: Any | None = None,
+    gpu: GpuSettings | None = None,
+) -> Runner:
+    """The one place a file becomes a runner: a TensorRT engine (.plan) for TensorRTRunner, anything else an ONNX
+    model (path, loaded or proto) for an ONNX Runtime session. Not yet active: use `with` or activate()."""
+    if isinstance(model, (str, os.PathLike)) and Path(model).suffix == ".plan":
+        path = Path(model)
+        if not path.is_file():
+            raise NenniError(f"{path}: no such TensorRT engine file")
+        if provider not in ("cpu", "tensorrt") or threads or inter_op_threads or session_options:
+            raise NenniError(f"{path}: a TensorRT engine runs on its GPU; provider and thread options do not apply")
+        try:
+            from .tensorrt.runner import TensorRTRunner
+        except ImportError:
+            raise NenniError(
+                f"{path}: TensorRT engines need TensorRT and a CUDA GPU (pip install -e '.[tensorrt]')"
+            ) from None
+        return TensorRTRunner(path)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_onnx_checked(model)
+    return OrtRunner(
+        model,
+        provider=provider,
+        threads=threads,
+        inter_op_threads=inter_op_threads,
+        session_options=session_options,
+        gpu=gpu,
+    )
 
 
 # -- PyTorch ----------------------------------------------------------------------------------------------------
