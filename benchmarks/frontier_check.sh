@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Re-measure every committed frontier point from its model directory, on an IDLE machine:
-#   (a) export it to ONNX (the NENNI model with its custom ops, or the pruned model as plain ONNX),
-#   (b) its accuracy in ONNX Runtime on the full CIFAR-10 test set (nenni predict),
-#   (c) latency at batch 1 and 64 interleaved with the dense ResNet-20 export (nenni bench).
+# Re-measure every committed frontier point from its model directory (the bench on an IDLE machine):
+#   (a) export it to ONNX, float32 and int8 (the NENNI model with its custom ops, the pruned one as plain ONNX),
+#   (b) accuracy of both exports in ONNX Runtime on the full CIFAR-10 test set (nenni predict),
+#   (c) one `nenni bench` of every export, interleaved with the dense ResNet-20 (float32 and int8) at batch
+#       1 and 64, 2 threads.
 #
 #   bash benchmarks/frontier_check.sh            # every entry of results/frontier/index.json
 #   bash benchmarks/frontier_check.sh NAME ...   # just these
-# Writes runs/frontier-check/<name>.{onnx,export.json,predict.json,bench.json} and prints one line per point:
-# name, accuracy in index.json, accuracy in ONNX Runtime. Env: PY, SHARED, THREADS, OUT, BENCH=0 to skip (c).
+# Writes OUT/<name>[-int8].{onnx,export.json,predict.json} and OUT/bench.json (read by frontier_table.py), and
+# prints each point's accuracy in index.json and in ONNX Runtime. Env: PY, SHARED, THREADS, OUT, BENCH=0 skips (c).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nenni_deploy, whatever the venv installed
@@ -24,26 +25,36 @@ names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
   mapfile -t names < <("$PY" -c "import json; [print(e['name']) for e in json.load(open('$RESULTS/index.json'))]")
 fi
-dense="$OUT/dense-resnet20.onnx"
-if [ ! -f "$dense" ] && [ "$BENCH" = 1 ]; then  # the dense base: any NENNI point's base with every layer exact
-  first_nenni=$("$PY" -c "import json; print(next(e['name'] for e in json.load(open('$RESULTS/index.json')) if e['method'] == 'nenni'))")
-  "${NENNI[@]}" export "$RESULTS/$first_nenni" --dense --out "$dense" --data-dir "$SHARED/data/cifar10"
-fi
+export_both() {  # SOURCE STEM [--dense]: float32 and int8 exports with their accuracy on the full test set
+  local src=$1 stem=$2; shift 2
+  [ -f "$OUT/$stem.onnx" ] || "${NENNI[@]}" export "$src" "$@" --out "$OUT/$stem.onnx" --data-dir "$SHARED/data/cifar10" \
+    --json "$OUT/$stem.export.json" >/dev/null
+  [ -f "$OUT/$stem-int8.onnx" ] || "${NENNI[@]}" export "$src" "$@" --int8 --out "$OUT/$stem-int8.onnx" \
+    --data-dir "$SHARED/data/cifar10" --json "$OUT/$stem-int8.export.json" >/dev/null
+  for f in "$stem" "$stem-int8"; do
+    [ -f "$OUT/$f.predict.json" ] || "${NENNI[@]}" predict "$OUT/$f.onnx" "${DATA[@]}" --threads "$THREADS" \
+      --json "$OUT/$f.predict.json" >/dev/null
+  done
+}
+# The dense base: the shared checkpoint every point started from, as a NENNI directory records it (the grid's
+# pruned directories predate the v2 layout that keeps the unpruned base).
+first_nenni=$("$PY" -c "import json; print(next(e['name'] for e in json.load(open('$RESULTS/index.json')) if e['method'] == 'nenni'))")
+export_both "$RESULTS/$first_nenni" dense-resnet20 --dense
+files=("$OUT/dense-resnet20-int8.onnx")
 for name in "${names[@]}"; do
-  onnx="$OUT/$name.onnx"
-  [ -f "$onnx" ] || "${NENNI[@]}" export "$RESULTS/$name" --out "$onnx" --data-dir "$SHARED/data/cifar10" \
-    --json "$OUT/$name.export.json"
-  "${NENNI[@]}" predict "$onnx" "${DATA[@]}" --threads "$THREADS" --json "$OUT/$name.predict.json" >/dev/null
-  if [ "$BENCH" = 1 ]; then
-    "${NENNI[@]}" bench "$onnx" --baseline "$dense" --batch 1 --batch 64 --threads "$THREADS" --quiet \
-      --json "$OUT/$name.bench.json" --plot "$OUT/$name.bench.png"
-  fi
-  "$PY" - "$RESULTS/index.json" "$name" "$OUT/$name.predict.json" <<'PY'
+  export_both "$RESULTS/$name" "$name"
+  files+=("$OUT/$name.onnx" "$OUT/$name-int8.onnx")
+  "$PY" - "$RESULTS/index.json" "$name" "$OUT" <<'PY'
 import json, sys
-index, name, pred = sys.argv[1:]
+index, name, out = sys.argv[1:]
 entry = next(e for e in json.load(open(index)) if e["name"] == name)
-p = json.load(open(pred))
-acc = p.get("accuracy")
-print(f"{name}: index {entry['accuracy']:.2f} %, ONNX Runtime {acc:.2f} % on {p.get('images', p.get('n'))} images")
+f, i = (json.load(open(f"{out}/{s}.predict.json"))["accuracy"] for s in (name, f"{name}-int8"))
+print(f"{name}: index {entry['accuracy']:.2f} %, ONNX Runtime float32 {f:.2f} %, int8 {i:.2f} %")
 PY
 done
+if [ "$BENCH" = 1 ]; then
+  # --force: a v1 NENNI directory records no dense-base hash to match; every file here has the same base
+  "${NENNI[@]}" bench "${files[@]}" --baseline "$OUT/dense-resnet20.onnx" --batch 1 --batch 64 --threads "$THREADS" \
+    --no-progress --force --json "$OUT/bench.json" >"$OUT/bench.txt"
+  cat "$OUT/bench.txt"
+fi

@@ -18,15 +18,24 @@ DENSE = {"resnet20": 91.73, "resnet56": 93.39}  # the shared checkpoints on the 
 
 
 def speedup(check: Path, name: str, batch: int) -> float | None:
-    """Dense median latency / this model's, from a `nenni bench --json` file (None when absent)."""
-    path = check / f"{name}.bench.json"
+    """Dense float32 latency / this export's, from frontier_check.sh's one interleaved bench (None when absent)."""
+    path = check / "bench.json"
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
-    for row in data.get("batches", []):
-        if row.get("batch") == batch and "speedup" in row:
-            return float(row["speedup"]["speedup"])
+    for row in json.loads(path.read_text()).get("batches", []):
+        if row.get("batch") == batch and name in row.get("speedups", {}):
+            return float(row["speedups"][name]["speedup"])
     return None
+
+
+def accuracy(check: Path, name: str) -> float | None:
+    path = check / f"{name}.predict.json"
+    return json.loads(path.read_text())["accuracy"] if path.is_file() else None
+
+
+def _pair(check: Path, label: str) -> str:
+    s1, s64 = speedup(check, label, 1), speedup(check, label, 64)
+    return f"{s1:.2f}x / {s64:.2f}x" if s1 and s64 else "not measured"
 
 
 def main() -> None:
@@ -38,18 +47,24 @@ def main() -> None:
     entries = json.loads(args.index.read_text())
     lines = [
         "| point | method | budget | MACs (of dense) | BitOPs (of dense) | accuracy % | vs dense | epochs | "
-        "ORT speedup b1 / b64 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "ORT speedup b1 / b64 | int8 accuracy % | int8 speedup b1 / b64 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in sorted(entries, key=lambda e: (e["architecture"], e["budget_metric"], -e["budget"], e["method"])):
         dense = DENSE.get(e["architecture"])
         gap = f"{e['accuracy'] - dense:+.2f}" if dense is not None else "-"
-        s1, s64 = speedup(args.check, e["name"], 1), speedup(args.check, e["name"], 64)
-        fast = f"{s1:.2f}x / {s64:.2f}x" if s1 and s64 else "not measured"
+        fast, fast8 = (_pair(args.check, e["name"] + suffix) for suffix in ("", "-int8"))
+        acc8 = accuracy(args.check, e["name"] + "-int8")
         lines.append(
             f"| {e['name']} | {e['method']} ({e['granularity']}) | {e['budget_metric']} {e['budget']:g} | "
             f"{e['macs_ratio']:.3f} | {e.get('bitops_ratio', float('nan')):.3f} | {e['accuracy']:.2f} | "
-            f"{gap} | {e.get('epochs')} | {fast} |"
+            f"{gap} | {e.get('epochs')} | {fast} | {'-' if acc8 is None else f'{acc8:.2f}'} | {fast8} |"
+        )
+    dense8 = accuracy(args.check, "dense-resnet20-int8")
+    if dense8 is not None:
+        lines.append(
+            f"| dense ResNet-20 | dense | - | 1 | 1 | {DENSE['resnet20']:.2f} | 0 | - | 1 (baseline) | {dense8:.2f} | "
+            f"{_pair(args.check, 'dense-resnet20-int8')} |"
         )
     print("\n".join(lines))
     if args.plot:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from _cli import nenni, random_weights  # benchmarks/ is the script's own folder on sys.path
 
 WEIGHTS = {
     "resnet20": "akamaster/resnet20-12fca82f.th",
@@ -26,25 +26,6 @@ WEIGHTS = {
 MODELS = ("resnet20", "resnet56", "preact_resnet18", "wide_resnet34_10")
 VARIANTS = ("fp32-dense", "int8-dense", "fp32-nenni", "int8-nenni")
 GROUPED = ("fp32-grouped", "int8-grouped")  # --grouped: static-batch exports with the grouped lowering
-
-
-def nenni(*args: str) -> None:
-    cmd = [sys.executable, "-m", "nenni_deploy.cli", *map(str, args)]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def random_weights(arch: str, out: Path) -> Path:
-    """Timing needs no trained weights: a seeded random initialisation, saved once."""
-    import torch
-
-    from nenni_deploy.models import create_model, save_state_dict
-
-    path = out / f"{arch}-random.safetensors"
-    if not path.exists():
-        torch.manual_seed(0)
-        save_state_dict(create_model(arch).state_dict(), path)
-    return path
 
 
 def export(

@@ -14,34 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+from _cli import nenni, random_weights  # benchmarks/ is the script's own folder on sys.path
 
 WEIGHTS = {
     "resnet20": "akamaster/resnet20-12fca82f.th",
     "resnet56": "akamaster/resnet56-4bfd9763.th",
     "resnet4b": "abcrown/resnet4b.pth",
 }
-
-
-def nenni(*args: str) -> None:
-    cmd = [sys.executable, "-m", "nenni_deploy.cli", *args]
-    print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def random_weights(arch: str, out: Path) -> Path:
-    """Timing needs no trained weights: a seeded random initialisation, saved once."""
-    import torch
-
-    from nenni_deploy.models import create_model, save_state_dict
-
-    path = out / f"{arch}-random.safetensors"
-    if not path.exists():
-        torch.manual_seed(0)
-        save_state_dict(create_model(arch).state_dict(), path)
-    return path
 
 
 def main() -> None:

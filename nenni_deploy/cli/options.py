@@ -352,6 +352,16 @@ def pop_method(kwargs: dict[str, Any]):
 
 
 # -- compression recipes: distillation, schedules, budget allocation (nenni finetune) ------------------------------
+def distill_weight_options():
+    """How the KL term is weighed: shared by `finetune` (NENNI) and `prune` (static pruning)."""
+    return _compose(
+        click.option(
+            "--distill-alpha", type=float, default=0.9, show_default=True, help="Weight of the KL term (1 - CE's)."
+        ),
+        click.option("--distill-temperature", type=float, default=4.0, show_default=True, help="Softmax temperature."),
+    )
+
+
 def distill_options():
     return _compose(
         click.option(
@@ -361,10 +371,7 @@ def distill_options():
             help="Distillation teacher: dense-base (the dense model this one was made from), a model directory of "
             "the same architecture, or none; auto: dense-base for --method standard, none otherwise.",
         ),
-        click.option(
-            "--distill-alpha", type=float, default=0.9, show_default=True, help="Weight of the KL term (1 - CE's)."
-        ),
-        click.option("--distill-temperature", type=float, default=4.0, show_default=True, help="Softmax temperature."),
+        distill_weight_options(),
         click.option(
             "--distill-features",
             type=float,

@@ -10,6 +10,7 @@ import click
 from .options import (
     apply_threads,
     data_options,
+    distill_weight_options,
     json_option,
     model_and_data,
     model_options,
@@ -40,8 +41,7 @@ from .train import check_writable_dir, epoch_line
     show_default=True,
     help="Distil from the unpruned model during fine-tuning, or train on the labels alone.",
 )
-@click.option("--distill-alpha", type=float, default=0.9, show_default=True, help="Weight of the KL term.")
-@click.option("--distill-temperature", type=float, default=4.0, show_default=True, help="Softmax temperature T.")
+@distill_weight_options()
 @click.option("--eval-n", type=int, default=None, help="Test images to evaluate before and after (default all).")
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Pruned model directory to write."

@@ -696,6 +696,21 @@ def _layer_attribute_names(conv: bool, granularity: str, int8: bool = False, low
     return names + (list(INT8_ATTRIBUTE_NAMES) if int8 else [])
 
 
+def overload_form(
+    op_type: str, granularity: str, kernel: Sequence[int] | None, lowering: str
+) -> tuple[bool, tuple[int, ...] | None, str]:
+    """Whether the op is a convolution, the kernel its body is specialised for and the lowering it really uses:
+    one reading for the float and the int8 bodies."""
+    if op_type not in LAYER_OPS:
+        raise ValueError(f"{op_type!r} is not a NENNI layer op")
+    conv = op_type == CONV
+    kernel = tuple(int(v) for v in kernel) if kernel is not None and conv and granularity == "channel" else None
+    lowering = lowering if granularity == "channel" else "skip"
+    if lowering == "grouped" and not conv:
+        lowering = "skip"  # a linear layer's skipping body is already one batched product per sample
+    return conv, kernel, lowering
+
+
 def layer_function(
     op_type: str,
     granularity: str,
@@ -705,13 +720,7 @@ def layer_function(
     lowering: str = "skip",
 ) -> FunctionProto:
     """The model-local function implementing `op_type` for one overload (see `overload_name`)."""
-    if op_type not in LAYER_OPS:
-        raise ValueError(f"{op_type!r} is not a NENNI layer op")
-    conv = op_type == CONV
-    kernel = tuple(int(v) for v in kernel) if kernel is not None and conv and granularity == "channel" else None
-    lowering = lowering if granularity == "channel" else "skip"
-    if lowering == "grouped" and not conv:
-        lowering = "skip"  # a linear layer's skipping body is already one batched product per sample
+    conv, kernel, lowering = overload_form(op_type, granularity, kernel, lowering)
     b = _Body()
     if granularity == "channel" and lowering == "masked":
         _masked_body(b, conv, granularity, rank)

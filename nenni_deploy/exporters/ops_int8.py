@@ -38,7 +38,6 @@ from .ops import (
     _GROUPED_REFS,
     CONV,
     DOMAIN,
-    LAYER_OPS,
     _as_groups,
     _Body,
     _channel_conv_fill,
@@ -51,6 +50,7 @@ from .ops import (
     _tap_rows,
     kernel_of_overload,
     lowering_of_overload,
+    overload_form,
     overload_name,
 )
 
@@ -276,13 +276,7 @@ def layer_function_int8(
     lowering: str = "skip",
 ) -> FunctionProto:
     """The int8 body of one overload (`ops.overload_name(..., int8=True)`)."""
-    if op_type not in LAYER_OPS:
-        raise ValueError(f"{op_type!r} is not a NENNI layer op")
-    conv = op_type == CONV
-    kernel = tuple(int(v) for v in kernel) if kernel is not None and conv and granularity == "channel" else None
-    lowering = lowering if granularity == "channel" else "skip"
-    if lowering == "grouped" and not conv:
-        lowering = "skip"
+    conv, kernel, lowering = overload_form(op_type, granularity, kernel, lowering)
     if lowering in ("masked", "grouped"):
         kernel = None
     b = _Body()
