@@ -55,6 +55,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes: seconds of start-up each
 def test_two_processes_keep_identical_replicas_and_match_one_process(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
     for case in ("standard", "trades"):

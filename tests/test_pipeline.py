@@ -187,6 +187,7 @@ def test_pipeline_imports_a_checkpoint_without_training(tmp_path):
 
 
 @pytest.mark.shared
+@pytest.mark.slow  # about 30 s idle: the built-in CIFAR-10 config end to end on the shared checkpoint
 def test_builtin_cifar10_config_runs_on_the_shared_checkpoint(tmp_path, monkeypatch, shared_dir):
     """The built-in ResNet-4B config (imported checkpoint, noisy element NENNI) end to end on real CIFAR-10, with
     every stage shrunk to seconds: the config's paths, the noise checks and EOT/AutoAttack rand on a real model."""

@@ -163,7 +163,8 @@ def read_card(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _upgrade_v1(card: dict[str, Any]) -> dict[str, Any]:
-    """Format 1 held NENNI models of registered architectures only, and no base weights."""
+    """Format 1 held NENNI models of registered architectures only, and no base weights unless one was added
+    later (benchmarks/frontier_base.py)."""
     card = dict(card)
     source = _registered_source(card.get("arch"))
     data = card.get("metrics", {}).get("data")
@@ -172,7 +173,7 @@ def _upgrade_v1(card: dict[str, Any]) -> dict[str, Any]:
         model=source.to_dict(),
         data={"name": data, "dir": None, "image_size": None} if data else None,
         dense_layers=[],
-        base_weights_sha256=None,
+        base_weights_sha256=card.get("base_weights_sha256"),
     )
     return card
 
