@@ -2,7 +2,8 @@
 they started from: `base.safetensors` and its hash in config.json, so that `nenni export DIR --dense` exports the
 original dense model and every export records the dense-base hash `nenni bench` pairs on.
 
-    python benchmarks/frontier_base.py results/frontier/* --weights ../shared/weights/cifar10/akamaster/resnet20-12fca82f.th
+    python benchmarks/frontier_base.py results/frontier/* \
+        --weights ../shared/weights/cifar10/akamaster/resnet20-12fca82f.th
 
 Only the base is added: the weights, the layer specs and the measured accuracy stay as they were.
 """

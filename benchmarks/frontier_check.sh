@@ -36,8 +36,8 @@ export_both() {  # SOURCE STEM [--dense]: float32 and int8 exports with their ac
       --json "$OUT/$f.predict.json" >/dev/null
   done
 }
-# The dense base: the shared checkpoint every point started from, as a NENNI directory records it (the grid's
-# pruned directories predate the v2 layout that keeps the unpruned base).
+# The dense base: the shared checkpoint every point started from (base.safetensors; benchmarks/frontier_base.py
+# gave it to the points the grid wrote before directories kept it).
 first_nenni=$("$PY" -c "import json; print(next(e['name'] for e in json.load(open('$RESULTS/index.json')) if e['method'] == 'nenni'))")
 export_both "$RESULTS/$first_nenni" dense-resnet20 --dense
 files=("$OUT/dense-resnet20-int8.onnx")

@@ -322,3 +322,32 @@ def test_a_pruned_directory_goes_through_export_check_and_info(digits_models, tm
     assert "kind: pruned" in info.output and "dense base sha256" in info.output
     dense = invoke("export", out, "--dense", "--out", tmp_path / "d.onnx")
     assert dense.exit_code == 0, dense.output
+
+
+def test_a_version_1_directory_reads_and_keeps_a_base_added_later(digits_models, tmp_path):
+    """The grid's early points are version-1 NENNI directories: without a base their dense model is the exact
+    layers (with a note); with base.safetensors added (benchmarks/frontier_base.py) it is the original."""
+    import json
+    import shutil
+
+    from nenni_deploy.files import sha256_file
+    from nenni_deploy.models import save_state_dict
+    from nenni_deploy.nenni.io import load_base_model, load_model_dir
+
+    old = tmp_path / "v1"
+    shutil.copytree(digits_models / "n", old)
+    card = json.loads((old / "config.json").read_text())
+    for key in ("kind", "model", "data", "dense_layers", "base_weights_sha256"):
+        card.pop(key, None)
+    card["format_version"] = 1
+    (old / "base.safetensors").unlink()
+    (old / "config.json").write_text(json.dumps(card))
+    load_model_dir(old)
+    assert load_base_model(old).note and load_base_model(old).sha256 is None
+
+    dense = load_base_model(digits_models / "n")
+    save_state_dict(dense.module, old / "base.safetensors")
+    card["base_weights_sha256"] = sha256_file(old / "base.safetensors")
+    (old / "config.json").write_text(json.dumps(card))
+    base = load_base_model(old)
+    assert base.sha256 == card["base_weights_sha256"] and not base.note
