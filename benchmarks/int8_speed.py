@@ -36,11 +36,13 @@ def export(
             extra = ["--channel-lowering", "grouped", "--batch", str(batch)]
         else:
             extra = ["--dense"] if dense else ["--channel-lowering", args.lowering, "--tune-batch", str(batch)]
-        extra += ["--int8", "--calib-n", str(args.calib_n), "--calib-method", args.calib_method] if int8 else []
+        # Random weights are for timing only: a few images calibrate and check the graph as well as many would.
+        calib_n, check_n = (args.calib_n, args.check_n) if real else (min(args.calib_n, 32), min(args.check_n, 32))
+        extra += ["--int8", "--calib-n", str(calib_n), "--calib-method", args.calib_method] if int8 else []
         # Random weights give near-tied logits: int8 rounding flips their top-1 without being wrong, so the
         # parity check (whose agreement bound assumes a trained model) is left to the real checkpoints.
         extra += ["--no-check"] if int8 and not real else []
-        nenni("export", model_dir, "--out", out, "--data-dir", args.data_dir, "--check-n", str(args.check_n),
+        nenni("export", model_dir, "--out", out, "--data-dir", args.data_dir, "--check-n", str(check_n),
               "--threads", args.threads, "--json", out.with_suffix(".export.json"), *extra)  # fmt: skip
     return out
 
@@ -78,7 +80,8 @@ def main() -> None:
             include = ["--include", args.include] if args.include else []
             nenni("calibrate", "--arch", arch, "--weights", weights, "--data", "cifar10", "--data-dir", args.data_dir,
                   "--granularity", "channel", "--ratio", args.ratio, "--proj-dim", args.proj_dim, *include,
-                  "--calib-n", args.fit_n, "--eval-n", "1", "--threads", args.threads, "--out", model_dir)  # fmt: skip
+                  "--calib-n", args.fit_n if real else min(args.fit_n, 128), "--eval-n", "1",
+                  "--threads", args.threads, "--out", model_dir)  # fmt: skip
         entry = {"arch": arch, "weights": "shared checkpoint" if real else "random (timing only)", "batches": []}
         for batch in (int(b) for b in args.batches.split(",")):
             files = {
