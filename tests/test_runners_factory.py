@@ -39,3 +39,15 @@ def test_an_engine_without_tensorrt_or_file_is_one_line(tmp_path):
     plan.write_bytes(b"\0")
     with pytest.raises(NenniError, match="provider and thread options do not apply"):
         open_runner(plan, threads=2)
+
+
+def test_a_bound_call_runs_the_session_on_validated_feeds(tmp_path):
+    runner = open_runner(_identity(tmp_path / "m.onnx"), threads=1)
+    with pytest.raises(NenniError, match="activate"):
+        runner.bound(np.zeros((1, 3), np.float32))
+    with runner:
+        with pytest.raises(NenniError, match="NaN"):
+            runner.bound(np.full((1, 3), np.nan, np.float32))
+        call = runner.bound(np.ones((2, 3), np.float32))
+        np.testing.assert_array_equal(call()[0], np.ones((2, 3)))
+        assert runner.providers_used() == ["CPUExecutionProvider"]

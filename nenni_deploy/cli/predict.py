@@ -73,7 +73,7 @@ def command(
             start = time.perf_counter()
             logits = predict_dataset(runner, ds.x, batch_size)
             seconds = time.perf_counter() - start
-            used = runner.session.get_providers()[0]
+            used = runner.providers_used()[0]
     for warning in runner.warnings:
         click.echo(f"warning: {warning}", err=True)
     acc = accuracy(logits, ds.y)

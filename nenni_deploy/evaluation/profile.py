@@ -74,13 +74,13 @@ def profile_model(loaded: LoadedModel, batch: int, shape: tuple[int, ...], setti
         )
         x = np.random.default_rng(settings.seed).random(shape, dtype=np.float32)
         with runner:
-            feeds = {loaded.inputs[0].name: x}
-            runner.infer(feeds)  # warm-up, recorded; removed below
+            call = runner.bound(x)
+            call()  # warm-up, recorded; removed below
             start = time.perf_counter()
             for _ in range(runs):
-                runner.session.run(None, feeds)
+                call()
             wall = (time.perf_counter() - start) / runs
-            trace = Path(runner.session.end_profiling())
+            trace = Path(runner.end_profiling())
         events = json.loads(trace.read_text())
     ends = [i for i, e in enumerate(events) if e.get("name") == "model_run"]
     if len(ends) > runs:

@@ -26,7 +26,7 @@ import onnx
 import torch
 from onnx import helper
 
-from ..errors import NenniError
+from ..errors import NenniError, first_line
 from .loading import InputSpec, LoadedModel, load_onnx_checked
 from .runners import Runner, open_runner
 
@@ -286,8 +286,7 @@ class OnnxClassifier(Runner):
         try:
             (out,) = self.ort.session.run([self.spec.output_name], {self.spec.input_name: feed})
         except Exception as exc:  # ORT raises its own exception types from C++
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise NenniError(f"ONNX Runtime failed on {self.where}: {text}") from None
+            raise NenniError(f"ONNX Runtime failed on {self.where}: {first_line(exc)}") from None
         return out
 
     def _run(self, x: np.ndarray) -> np.ndarray:

@@ -207,6 +207,26 @@ class OrtRunner(Runner):
     def _deactivate(self) -> None:
         self.session = None
 
+    def bound(self, feeds: Mapping[str, Any] | np.ndarray | torch.Tensor, outputs: list[str] | None = None):
+        """The session run on fixed, validated feeds as a bare call (what a benchmark times and a query-based
+        attack repeats): no conversion, validation or error translation per call."""
+        if not self.active:
+            raise NenniError(f"{self.name}: call activate() (or use `with`) before bound()")
+        feeds = self._as_feeds(feeds)
+        for spec in self.input_specs():
+            validate_input(spec, feeds.get(spec.name))
+        names = outputs or [o.name for o in self.session.get_outputs()]
+        run = self.session.run
+        return lambda: run(names, feeds)
+
+    def providers_used(self) -> list[str]:
+        """The execution providers ORT actually uses, first choice first."""
+        return list(self.session.get_providers()) if self.session is not None else []
+
+    def end_profiling(self) -> str:
+        """With SessionOptions.enable_profiling: stop and return the trace file's path."""
+        return self.session.end_profiling()
+
     def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
         try:
