@@ -53,7 +53,8 @@ print(f"{name}: index {entry['accuracy']:.2f} %, ONNX Runtime float32 {f:.2f} %,
 PY
 done
 if [ "$BENCH" = 1 ]; then
-  # --force: a v1 NENNI directory records no dense-base hash to match; every file here has the same base
+  # --force: exports made before frontier_base.py gave the grid's directories their base record no dense-base hash;
+  # every file here comes from the same shared checkpoint
   "${NENNI[@]}" bench "${files[@]}" --baseline "$OUT/dense-resnet20.onnx" --batch 1 --batch 64 --threads "$THREADS" \
     --no-progress --force --json "$OUT/bench.json" >"$OUT/bench.txt"
   cat "$OUT/bench.txt"
