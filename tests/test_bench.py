@@ -156,6 +156,9 @@ def test_fixed_batch_model_refuses_another_batch(models, tmp_path):
         run_bench(fixed, None, BenchSettings(**{**FAST, "batches": (2,)}), progress=False)
     report = run_bench(fixed, None, BenchSettings(**{**FAST, "batches": (4,)}), progress=False)
     assert report["batches"][0]["models"]["model"]["n"] == 4
+    # beside a dynamic-batch baseline at its own batch size (the pairing compares one image's shape)
+    report = run_bench(fixed, models[1], BenchSettings(**{**FAST, "batches": (4,)}), progress=False, force=True)
+    assert report["batches"][0]["models"]["baseline"]["n"] == 4
 
 
 @pytest.mark.parametrize("bad", [dict(rounds=1), dict(batches=()), dict(warmup=float("nan")), dict(iterations=0)])

@@ -126,17 +126,24 @@ class Subject:
         """MACs and BitOPs per image of what this file computes, at the precision it computes in."""
         return cost_as_run(self.cost, dense=self.dense, precision=self.precision)
 
-    def input_shape(self, batch: int) -> tuple[int, ...]:
+    def _dims(self) -> list:
         spec = self.plan.input_specs()[0] if self.is_plan else self.loaded.inputs[0]
         dims = list(spec.shape)
         if not dims:
             raise NenniError(f"{self.path}: its input has no declared shape")
+        if not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            raise NenniError(f"{self.path}: only the batch dimension may be dynamic, input shape is {dims}")
+        return dims
+
+    def image_shape(self) -> tuple[int, ...]:
+        """One image's shape (the input without its batch dimension, fixed or not)."""
+        return tuple(self._dims()[1:])
+
+    def input_shape(self, batch: int) -> tuple[int, ...]:
+        dims = self._dims()
         if isinstance(dims[0], int) and dims[0] > 0 and dims[0] != batch:
             raise NenniError(f"{self.path}: its batch size is fixed at {dims[0]}; cannot run --batch {batch}")
-        rest = dims[1:]
-        if not all(isinstance(d, int) and d > 0 for d in rest):
-            raise NenniError(f"{self.path}: only the batch dimension may be dynamic, input shape is {dims}")
-        return (batch, *rest)
+        return (batch, *dims[1:])
 
     def describe(self) -> dict[str, Any]:
         meta = self.metadata
@@ -509,7 +516,7 @@ def check_pair(model: Subject, baseline: Subject, *, force: bool = False) -> dic
     """A speedup means something only against the same classifier: the same input and output shapes, and the
     baseline's weights must be the dense model the candidate was made from (the hashes exports record)."""
     problems = []
-    shapes = [s.input_shape(1)[1:] for s in (model, baseline)]
+    shapes = [s.image_shape() for s in (model, baseline)]
     if shapes[0] != shapes[1]:
         problems.append(f"inputs differ ({'x'.join(map(str, shapes[0]))} vs {'x'.join(map(str, shapes[1]))})")
     widths = [_output_width(s) for s in (model, baseline)]
