@@ -23,8 +23,9 @@ demo: install
 
 # The quick suite (a few minutes on two cores); the slow tests (full CIFAR-10 runs, the whole zoo, the docs'
 # examples) run in CI: `make test-slow`.
+# Two workers: the suite is many small single-threaded tests, and the machines have two cores.
 test: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

@@ -12,6 +12,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The one place that decides where the shared data and weights are; NENNI_SHARED moves them.
 SHARED = Path(os.environ.get("NENNI_SHARED", REPO_ROOT.parent / "shared"))
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one torch thread each, not two each competing.
+    torch.set_num_threads(1)
+
 
 def _shared_path(relative: str) -> Path:
     path = SHARED / relative
