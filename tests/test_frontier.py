@@ -322,6 +322,11 @@ def test_a_pruned_directory_goes_through_export_check_and_info(digits_models, tm
     assert "kind: pruned" in info.output and "dense base sha256" in info.output
     dense = invoke("export", out, "--dense", "--out", tmp_path / "d.onnx")
     assert dense.exit_code == 0, dense.output
+    # white-box attacks on the pruned model itself, not on its unpruned base
+    for onnx_file, agree in (("p.onnx", "agreement 100.00 %"), ("d.onnx", "agreement 100.00 %")):
+        ev = invoke("eval", tmp_path / onnx_file, "--source", out, "--attack", "pgd", "--steps", "2", "--n", "40",
+                    "--eps", "0.05", "--no-progress")  # fmt: skip
+        assert ev.exit_code == 0 and agree in ev.output, ev.output
 
 
 def test_a_version_1_directory_reads_and_keeps_a_base_added_later(digits_models, tmp_path):

@@ -184,11 +184,15 @@ def _onnx_target(path: Path, source: Path | None, weights: Path | None) -> Targe
         raise NenniError("--weights is not used with an ONNX target (its weights are inside the file)")
     loaded = load_onnx_checked(path)
     meta = loaded.metadata
-    exported_dense = meta.get("nenni.dense") == "true" or not loaded.is_nenni
     src = None
     if source is not None:
         if not Path(source).is_dir():
             raise NenniError(f"--source {source} must be the model directory {path.name} was exported from")
+        from ..nenni.io import read_card
+
+        # The dense base only for a `--dense` export: a pruned (or dense) directory's own export is its own model.
+        kind = read_card(source)["kind"]
+        exported_dense = meta.get("nenni.dense") == "true" or (kind == "nenni" and not loaded.is_nenni)
         src = load_torch_model(source, dense=exported_dense)
         _check_source(path, meta, Path(source))
     dataset = meta.get("nenni.dataset") or _recorded_dataset(None, meta.get("nenni.arch"))
