@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nenni_deploy, whatever the venv installed
-PY=${PY:-/work/main/.venv/bin/python}
+PY=${PY:-.venv/bin/python}  # the repository's venv (make install); PY overrides
 BASE=${BASE:-runs/abl/r20-c05}
 OUT=${OUT:-runs/ablation-clip}
 EPOCHS=${EPOCHS:-2}

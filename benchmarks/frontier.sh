@@ -12,8 +12,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nenni_deploy, whatever the venv installed
-PY=${PY:-/work/main/.venv/bin/python}
-SHARED=${SHARED:-/work/shared}
+PY=${PY:-.venv/bin/python}  # the repository's venv (make install); PY overrides
+SHARED=${SHARED:-${NENNI_SHARED:-../shared}}  # the one shared-data setting the tests use too
 EPOCHS=${EPOCHS:-5}
 THREADS=${THREADS:-1}  # one thread per run: on a shared machine two 1-thread runs get more done than one 2-thread run
 RUNS=${RUNS:-runs/frontier}

@@ -12,8 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nenni_deploy, whatever the venv installed
-PY=${PY:-/work/main/.venv/bin/python}
-SHARED=${SHARED:-/work/shared}
+PY=${PY:-.venv/bin/python}  # the repository's venv (make install); PY overrides
+SHARED=${SHARED:-${NENNI_SHARED:-../shared}}  # the one shared-data setting the tests use too
 THREADS=${THREADS:-2}
 OUT=${OUT:-runs/frontier-check}
 RESULTS=${RESULTS:-results/frontier}

@@ -8,8 +8,8 @@
 # Cached per chunk beside each JSON: a rerun resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-/work/main/.venv/bin/python}
-SHARED=${SHARED:-/work/shared}
+PY=${PY:-.venv/bin/python}  # the repository's venv (make install); PY overrides
+SHARED=${SHARED:-${NENNI_SHARED:-../shared}}  # the one shared-data setting the tests use too
 N=${N:-500}
 EPS=${EPS:-1/255,2/255}
 PRESET=${PRESET:-quick}
