@@ -8,6 +8,7 @@
 # (runs/frontier/<name>/train), finished points are skipped. Each finished point is copied without its
 # training folder to results/frontier/<name>/, entered in results/frontier/index.json and committed on the
 # current branch (COMMIT=0 to skip). Env: EPOCHS, THREADS, LR, CLIP, POINTS, RECIPE, SHARED, PY.
+# A pruning point named ...-roundN-... keeps its widths multiples of N (--round-to N), any other its exact widths.
 # Two copies with disjoint POINTS may run side by side (what the issue-18 grid did, see the lead's notes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,10 +42,14 @@ base_r20() {  # the calibrated channel model every NENNI point re-allocates from
     --out "$out" --json "$RUNS/base-r20-channel.json"
 }
 
+round_args() {  # NAME -> "--round-to N" for a point named ...-roundN-..., else the exact widths (--round-to 1)
+  if [[ $1 =~ -round([0-9]+)- ]]; then echo "--round-to ${BASH_REMATCH[1]}"; else echo "--round-to 1"; fi
+}
+
 publish() {  # NAME METHOD METRIC BUDGET
   local name=$1 method=$2 metric=$3 budget=$4
   local recipe="$RECIPE"
-  [ "$method" = pruning ] && recipe="--importance l1 --teacher dense"
+  [ "$method" = pruning ] && recipe="--importance l1 --teacher dense $(round_args "$name")"
   "$PY" benchmarks/frontier_index.py "$RUNS/$name" "$name" --method "$method" --budget-metric "$metric" \
     --budget "$budget" --results "$RESULTS" --recipe "$recipe epochs=$EPOCHS lr=$LR grad-clip=$CLIP" || return 1
   if [ "$COMMIT" = 1 ]; then
@@ -72,7 +77,7 @@ point() {  # NAME
         --out "$RUNS/$name" --json "$RUNS/$name.json" || return 1
     else
       nice -n 19 "$PY" -m nenni_deploy.cli prune --arch resnet20 --weights "$WEIGHTS_R20" "${DATA[@]}" \
-        "${COMMON[@]}" --budget-macs "$budget" --importance l1 --teacher dense \
+        "${COMMON[@]}" --budget-macs "$budget" --importance l1 --teacher dense $(round_args "$name") \
         --out "$RUNS/$name" --json "$RUNS/$name.json" || return 1
     fi
   fi

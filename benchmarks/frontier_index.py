@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         accuracy = metrics["accuracy"]
         macs_ratio = totals["macs_dense"] / dense_totals["macs_dense"]
         bitops_ratio = totals["bitops_dense"] / dense_totals["bitops_dense"]
-        granularity = f"channel (static, {pruning.get('importance', 'l1')}, {pruning['mode']})"
+        rounded = f", widths multiple of {pruning['round_to']}" if pruning.get("round_to") else ""
+        granularity = f"channel (static, {pruning.get('importance', 'l1')}, {pruning['mode']}{rounded})"
         epochs = card.get("history", [{}])[-1].get("epochs")
     if metrics.get("eval_images") != 10000 and not args.allow_partial:
         print(

@@ -235,6 +235,22 @@ def test_pruning_falls_back_where_the_graph_breaks_a_padding_shortcut():
         prune(net, x, y, PruneConfig(budget_macs=0.1))
 
 
+def test_pruned_widths_are_multiples_of_round_to_unless_it_is_one():
+    torch.manual_seed(0)
+    net = CifarResNet(blocks_per_stage=1).eval()
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    rounded = prune(net, x, y, PruneConfig(budget_macs=0.7))  # the default: multiples of 8
+    exact = prune(net, x, y, PruneConfig(budget_macs=0.7, round_to=1))
+    assert rounded.round_to == 8 and exact.round_to is None and rounded.to_json()["round_to"] == 8
+    assert all(after % 8 == 0 for _, after in rounded.layers.values() if after != 10)
+    assert any(after % 8 for _, after in exact.layers.values() if after != 10)  # ResNet-8 at 0.7: odd widths
+    assert rounded.macs_ratio <= 0.7 and exact.macs_ratio <= 0.7
+    with pytest.raises(NenniError, match="--round-to 1 allows any width"):
+        prune(net, x, y, PruneConfig(budget_macs=0.5, round_to=16))
+    with pytest.raises(NenniError, match="--round-to"):
+        PruneConfig(budget_macs=0.7, round_to=0)
+
+
 @pytest.mark.parametrize("bad", [1.2, 0.0, -0.5])
 def test_prune_budget_out_of_range_is_refused(bad):
     with pytest.raises(NenniError, match="budget"):

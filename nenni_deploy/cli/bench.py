@@ -192,6 +192,11 @@ def summary_text(report: dict) -> str:
                 f"profile {label} batch {batch}: {prof['kernel_ms_per_run']:.3f} ms kernels/run "
                 f"({prof['kernels_per_run']:.0f} kernels): {shares}"
             )
+    layouts = report.get("layout") or {}
+    if any(v["plain"] for v in layouts.values()):  # a reason for a speed the MACs do not explain
+        from ..runtime.layout import ConvLayout
+
+        lines += [f"layout {label}: {ConvLayout(**v).describe()}" for label, v in layouts.items()]
     worst = max((b["load"]["other_processes_busy_cores"] or 0.0) for b in report["batches"])
     if worst > 0.25:
         lines.append(f"warning: other processes kept {worst:.2f} cores busy during the run; compare ratios only")

@@ -33,6 +33,14 @@ from .train import check_writable_dir, epoch_line
     show_default=True,
     help="Channel importance: L1 norm of the weights, or first-order Taylor on a batch of training images.",
 )
+@click.option(
+    "--round-to",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Keep every pruned width a multiple of this many channels: ONNX Runtime's CPU convolutions need 8 "
+    "(AVX2) or 16 (AVX-512) for their fast layout, TensorRT likes 8 or 32; 1 keeps the exact widths.",
+)
 @training_options(epochs=None, lr=0.01)
 @click.option(
     "--teacher",
@@ -49,8 +57,8 @@ from .train import check_writable_dir, epoch_line
 @progress_option()
 @json_option()
 def command(
-    data_name, data_dir, image_size, budget_macs, importance, teacher, distill_alpha, distill_temperature, eval_n,
-    out, progress, json_path, resume, **options,
+    data_name, data_dir, image_size, budget_macs, importance, round_to, teacher, distill_alpha, distill_temperature,
+    eval_n, out, progress, json_path, resume, **options,
 ):  # fmt: skip
     """Prune the dense model --arch names (a registered architecture or entry point with --weights, or a dense
     model directory) to --budget-macs of its MACs with torch-pruning, fine-tune it, write --out.
@@ -62,7 +70,7 @@ def command(
 
     train_config = pop_train_config(options)
     job = PruneJob(
-        PruneConfig(budget_macs=budget_macs, importance=importance, seed=train_config.seed),
+        PruneConfig(budget_macs=budget_macs, importance=importance, round_to=round_to, seed=train_config.seed),
         train_config,
         teacher=teacher,
         distill_alpha=distill_alpha,

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import NenniError
 from ..files import sha256_file
+from ..runtime.layout import cpu_conv_layout
 from ..runtime.loading import LoadedModel, load_onnx_checked
 from ..runtime.runners import PROVIDERS, open_runner
 from . import profile as op_profile
@@ -577,6 +578,8 @@ def _run(
         "batches": batches,
         "environment": environment(settings, batches[-1]["providers_used"] if batches else {}),
     }
+    if settings.provider == "cpu":  # after the timing: a layout that MACs do not explain
+        report["layout"] = {s.label: cpu_conv_layout(s.loaded.proto).to_json() for s in subjects if s.loaded}
     if settings.profile:
         report["profile"] = {
             s.label: {

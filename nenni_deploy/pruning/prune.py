@@ -43,8 +43,16 @@ class PruneConfig:
     max_ratio: float = 0.95  # largest per-group pruning ratio tried
     search_steps: int = 6  # bisection steps after the scan
     seed: int = 0
+    # Keep every pruned width a multiple of this: ORT's CPU convolutions use a blocked channel layout (NCHWc,
+    # 8 channels on AVX2, 16 on AVX-512) only for inputs of whole blocks or multiples of 4 channels; widths
+    # like 11, 22, 45 fall back to plain convolutions with layout reorders around them (runtime/layout.py).
+    # TensorRT's tensor cores want multiples of 8 (fp16) and 32 (int8) too; TensorRT Model Optimizer's FastNAS
+    # rounds to 32 by default. 1 (or None) = the exact widths the ratio gives.
+    round_to: int | None = 8
 
     def __post_init__(self) -> None:
+        if self.round_to is not None and not (isinstance(self.round_to, int) and self.round_to >= 1):
+            raise NenniError(f"--round-to must be a positive whole number of channels, got {self.round_to!r}")
         if self.importance not in IMPORTANCES:
             raise NenniError(f"--importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
         if not (isinstance(self.budget_macs, (int, float)) and math.isfinite(self.budget_macs)):
@@ -66,6 +74,7 @@ class PruneResult:
     params_dense: int
     params_pruned: int
     output_shape: tuple[int, ...]
+    round_to: int | None = None
     layers: dict[str, list[int]] = field(default_factory=dict)  # name -> [out channels before, after]
 
     @property
@@ -77,6 +86,7 @@ class PruneResult:
             "mode": self.mode,
             "note": self.note,
             "pruning_ratio": self.pruning_ratio,
+            "round_to": self.round_to,
             "macs_dense": self.macs_dense,
             "macs_pruned": self.macs_pruned,
             "macs_ratio": self.macs_ratio,
@@ -153,13 +163,19 @@ def _prune_copy(
     importance: str,
     ignored_names: set[str],
     taylor_batch: tuple[torch.Tensor, torch.Tensor] | None,
+    round_to: int | None,
 ) -> nn.Module:
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model).eval()
     ignored = [classifier(pruned), *(m for n, m in pruned.named_modules() if n in ignored_names)]
     pruner = tp.pruner.MetaPruner(
-        pruned, example, importance=_importance(importance), pruning_ratio=ratio, ignored_layers=ignored
+        pruned,
+        example,
+        importance=_importance(importance),
+        pruning_ratio=ratio,
+        ignored_layers=ignored,
+        round_to=round_to if round_to and round_to > 1 else None,
     )
     if importance == "taylor":
         xb, yb = taylor_batch
@@ -185,6 +201,7 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config: Pru
     gradients. The returned model runs and has the dense model's output shape, or this raises a NenniError.
     """
     model = model.eval()
+    rounded = config.round_to is not None and config.round_to > 1
     input_shape = tuple(x.shape[1:])
     example = x[:1]
     with torch.no_grad():
@@ -198,21 +215,21 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config: Pru
     dense_macs = total_macs(model, input_shape)
 
     mode, ignored, note = MODES[0], set(), "torch-pruning's dependency graph over every conv"
-    probe = _prune_copy(model, example, 0.3, config.importance, ignored, taylor_batch)
+    probe = _prune_copy(model, example, 0.3, config.importance, ignored, taylor_batch, config.round_to)
     if not _runs(probe, example, expected):
         mode, ignored = MODES[1], residual_reaching(model)
         note = (
             "the dependency graph breaks a residual shortcut it does not trace (the pruned model does not run); "
             f"pruned only the convolutions whose output reaches no residual addition ({len(ignored)} left whole)"
         )
-        probe = _prune_copy(model, example, 0.3, config.importance, ignored, taylor_batch)
+        probe = _prune_copy(model, example, 0.3, config.importance, ignored, taylor_batch, config.round_to)
         if not _runs(probe, example, expected):
             raise NenniError(
                 "torch-pruning could not prune this model into one that runs, even without its residual-feeding layers"
             )
 
     def trial(ratio: float) -> tuple[nn.Module, int]:
-        m = _prune_copy(model, example, ratio, config.importance, ignored, taylor_batch)
+        m = _prune_copy(model, example, ratio, config.importance, ignored, taylor_batch, config.round_to)
         if not _runs(m, example, expected):
             raise NenniError(f"the model pruned at ratio {ratio:.3f} does not run or changes the output shape")
         return m, total_macs(m, input_shape)
@@ -233,6 +250,7 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config: Pru
         raise NenniError(
             f"--budget-macs {config.budget_macs:g} cannot be met by {mode} pruning: at most "
             f"{1 - least / dense_macs:.1%} fewer MACs ({least / dense_macs:.3f} of dense)"
+            + (f" with widths in multiples of {config.round_to} (--round-to 1 allows any width)" if rounded else "")
         )
     best, best_macs, hi = found
     best_ratio = hi
@@ -255,6 +273,7 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config: Pru
         params_dense=sum(p.numel() for p in model.parameters()),
         params_pruned=sum(p.numel() for p in best.parameters()),
         output_shape=expected[1:],
+        round_to=config.round_to if rounded else None,
         layers={n: [before[n], after[n]] for n in before if n in after},
     )
 
