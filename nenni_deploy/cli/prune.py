@@ -38,8 +38,9 @@ from .train import check_writable_dir, epoch_line
     type=click.IntRange(min=1),
     default=8,
     show_default=True,
-    help="Keep every pruned width a multiple of this many channels: ONNX Runtime's CPU convolutions need 8 "
-    "(AVX2) or 16 (AVX-512) for their fast layout, TensorRT likes 8 or 32; 1 keeps the exact widths.",
+    help="Keep every pruned width a multiple of this many channels: ONNX Runtime's blocked CPU convolutions "
+    "(8 or 16 channels a block) and TensorRT's tensor cores (8 or 32) want whole multiples, and `nenni bench` "
+    "reports the convolutions that miss the blocked layout; 1 keeps the exact widths.",
 )
 @training_options(epochs=None, lr=0.01)
 @click.option(
