@@ -8,7 +8,8 @@
 #   bash benchmarks/frontier_check.sh            # every entry of results/frontier/index.json
 #   bash benchmarks/frontier_check.sh NAME ...   # just these
 # Writes OUT/<name>[-int8].{onnx,export.json,predict.json} and OUT/bench.json (read by frontier_table.py), and
-# prints each point's accuracy in index.json and in ONNX Runtime. Env: PY, SHARED, THREADS, OUT, BENCH=0 skips (c).
+# prints each point's accuracy in index.json and in ONNX Runtime. Env: PY, SHARED, THREADS, OUT, BENCH=0 skips (c),
+# DURATION (timed seconds per file and batch size, over all rounds: 5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's nenni_deploy, whatever the venv installed
@@ -18,6 +19,7 @@ THREADS=${THREADS:-2}
 OUT=${OUT:-runs/frontier-check}
 RESULTS=${RESULTS:-results/frontier}
 BENCH=${BENCH:-1}
+DURATION=${DURATION:-5}
 NENNI=("$PY" -m nenni_deploy.cli)
 DATA=(--data cifar10 --data-dir "$SHARED/data/cifar10")
 mkdir -p "$OUT"
@@ -56,6 +58,6 @@ if [ "$BENCH" = 1 ]; then
   # --force: exports made before frontier_base.py gave the grid's directories their base record no dense-base hash;
   # every file here comes from the same shared checkpoint
   "${NENNI[@]}" bench "${files[@]}" --baseline "$OUT/dense-resnet20.onnx" --batch 1 --batch 64 --threads "$THREADS" \
-    --no-progress --force --json "$OUT/bench.json" >"$OUT/bench.txt"
+    --duration "$DURATION" --no-progress --force --json "$OUT/bench.json" >"$OUT/bench.txt"
   cat "$OUT/bench.txt"
 fi
