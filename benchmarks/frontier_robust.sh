@@ -4,7 +4,8 @@
 # on the first N test images at small Linf budgets (a standard CIFAR model is at 0 % by 8/255).
 #
 #   bash benchmarks/frontier_robust.sh [NAME ...]     # default: every point of results/frontier/index.json
-# Env: N (500), EPS (1/255,2/255), PRESET (quick), THREADS (1), OUT (runs/frontier-robust), CHECK (runs/frontier-check).
+# Env: N (500), EPS (1/255,2/255), PRESET (quick), THREADS (1), OUT (runs/frontier-robust), CHECK (runs/frontier-check),
+# EXTRA (more `nenni eval` options, e.g. "--attack autoattack --aa-version standard" for AutoAttack alone).
 # Cached per chunk beside each JSON: a rerun resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,9 @@ names=("$@")
 if [ ${#names[@]} -eq 0 ]; then
   mapfile -t names < <("$PY" -c "import json; [print(e['name']) for e in json.load(open('$RESULTS/index.json'))]")
 fi
-COMMON=(--data-dir "$SHARED/data/cifar10" --n "$N" --eps "$EPS" --preset "$PRESET" --threads "$THREADS" --no-progress)
+# shellcheck disable=SC2206
+COMMON=(--data-dir "$SHARED/data/cifar10" --n "$N" --eps "$EPS" --preset "$PRESET" --threads "$THREADS" --no-progress
+        ${EXTRA:-})
 [ -f "$OUT/dense-resnet20.json" ] || "$PY" -m nenni_deploy.cli eval "$RESULTS/${names[0]}" --dense "${COMMON[@]}" \
   --json "$OUT/dense-resnet20.json" | tee "$OUT/dense-resnet20.txt"
 for name in "${names[@]}"; do
