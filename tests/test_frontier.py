@@ -245,6 +245,9 @@ def test_pruned_widths_are_multiples_of_round_to_unless_it_is_one():
     assert all(after % 8 == 0 for _, after in rounded.layers.values() if after != 10)
     assert any(after % 8 for _, after in exact.layers.values() if after != 10)  # ResNet-8 at 0.7: odd widths
     assert rounded.macs_ratio <= 0.7 and exact.macs_ratio <= 0.7
+    # the nearest multiple, not torch-pruning's floor: a light budget leaves the 16-channel stage whole
+    light = prune(net, x, y, PruneConfig(budget_macs=0.9))
+    assert light.layers["layer1.0.conv1"] == [16, 16] and 0.8 < light.macs_ratio <= 0.9
     with pytest.raises(NenniError, match="--round-to 1 allows any width"):
         prune(net, x, y, PruneConfig(budget_macs=0.5, round_to=16))
     with pytest.raises(NenniError, match="--round-to"):

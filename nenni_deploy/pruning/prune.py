@@ -15,6 +15,7 @@ convolutions whose output reaches no residual addition (in a basic block: the fi
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,21 @@ def _importance(name: str):
     return tp.importance.GroupMagnitudeImportance(p=1)
 
 
+@functools.cache
+def _pruner_class() -> type:
+    import torch_pruning as tp
+
+    class NearestMultiplePruner(tp.pruner.MetaPruner):
+        """torch-pruning floors a rounded width (a 16-channel layer asked to lose one channel loses eight, and a
+        budget of 0.8 lands at 0.7); the nearest multiple, at least one, keeps budgets reachable."""
+
+        def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+            kept = max(round_to, round((current_channels - n_pruned) / round_to) * round_to)
+            return max(current_channels - kept, 0)
+
+    return NearestMultiplePruner
+
+
 def _prune_copy(
     model: nn.Module,
     example: torch.Tensor,
@@ -165,11 +181,9 @@ def _prune_copy(
     taylor_batch: tuple[torch.Tensor, torch.Tensor] | None,
     round_to: int | None,
 ) -> nn.Module:
-    import torch_pruning as tp
-
     pruned = copy.deepcopy(model).eval()
     ignored = [classifier(pruned), *(m for n, m in pruned.named_modules() if n in ignored_names)]
-    pruner = tp.pruner.MetaPruner(
+    pruner = _pruner_class()(
         pruned,
         example,
         importance=_importance(importance),
