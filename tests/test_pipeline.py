@@ -34,6 +34,10 @@ eval-n = 200
 epochs = 2
 lr = 0.01
 eval-n = 200
+[prune]
+budget-macs = 0.7
+epochs = 2
+eval-n = 200
 [export]
 [check]
 n = 100
@@ -112,7 +116,7 @@ def test_demo_dry_run_prints_the_real_commands(tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert [line.split()[1] for line in lines if line.startswith("  nenni ")] == [
-        "train", "calibrate", "finetune", "export", "export", "check", "bench", "eval", "eval",
+        "train", "calibrate", "finetune", "prune", "export", "export", "export", "check", "bench", "eval", "eval", "eval",
     ]  # fmt: skip
     assert [line for line in lines if line.startswith("[")][0] == "[train] would run"
     assert not (tmp_path / "d").exists()
@@ -147,6 +151,15 @@ def test_pipeline_runs_every_stage_and_reports_their_numbers(tmp_path):
     assert {"pgd-ce", "bpda-exact", "transfer-pgd:base"} <= set(nenni_eval["attacks"])
     assert "pgd-ce" in dense_eval["attacks"]
     assert f"{row['nenni_worst']:.2f}" in report and "## Robustness" in report and "## Speed" in report
+
+    # [prune]: static pruning of the same dense model, exported, benched and attacked beside NENNI
+    pruned = json.loads((out / "prune.json").read_text())
+    assert summary["accuracy"]["pruned"] == pruned["pruned_accuracy_after"]
+    assert summary["cost"]["macs_pruned"] <= 0.7 * summary["cost"]["macs_dense"]
+    assert summary["speed"]["batches"][0]["pruned_speedup"] == bench["batches"][0]["speedups"]["pruned"]["speedup"]
+    pruned_eval = json.loads((out / "eval-pruned.json").read_text())
+    assert row["pruned_worst"] == pruned_eval["worst_case"]["0.1"]
+    assert "static pruning (torch-pruning)" in report and "pruned speedup" in report
 
     # A second run resumes: every stage is skipped and the report is rewritten from the same outputs.
     again = invoke("pipeline", config)

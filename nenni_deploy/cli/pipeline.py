@@ -93,7 +93,8 @@ def pipeline_options():
 @pipeline_options()
 def command(config, out, threads, force, dry_run):
     """Run the stages CONFIG (a TOML file, or a built-in name: demo, cifar10-resnet20, cifar10-resnet4b) sets up:
-    train or import, calibrate, fine-tune, export, check, bench, eval; then write OUT/report.md and summary.json.
+    train or import, calibrate, fine-tune, prune (static pruning beside NENNI, with a [prune] table), export,
+    check, bench, eval; then write OUT/report.md and summary.json.
 
     A stage already done with the same arguments is skipped, so a stopped pipeline resumes where it stopped."""
     run(config, force, dry_run, out, threads)

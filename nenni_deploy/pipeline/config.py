@@ -18,7 +18,8 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 # Stages whose table holds command-line options, in the order they run.
-STAGE_TABLES = ("train", "calibrate", "finetune", "export", "check", "bench", "eval")
+# [prune] adds static channel pruning of the same dense model beside NENNI (exported, benched and attacked too).
+STAGE_TABLES = ("train", "calibrate", "finetune", "prune", "export", "check", "bench", "eval")
 TOP_KEYS = {"out", "threads", "data", "model", *STAGE_TABLES}
 # Options each stage's command receives from the pipeline: setting them in the table would break the chain.
 _MODEL = {"arch", "arch-kwargs", "mean", "std"}
@@ -28,6 +29,7 @@ RESERVED = {
     "train": _MODEL | _DATA | _OUTPUTS | {"progress"},
     "calibrate": _MODEL | _DATA | _OUTPUTS | {"weights"},
     "finetune": _DATA | _OUTPUTS | {"progress"},
+    "prune": _MODEL | _DATA | _OUTPUTS | {"weights", "progress"},
     "export": _DATA | _OUTPUTS | {"dense"},
     "check": _DATA | {"json", "threads"},
     "bench": {"baseline", "json", "plot", "threads", "progress"},

@@ -16,8 +16,10 @@ from .config import PipelineConfig
 from .stages import Layout
 
 # The stage outputs the report reads, by their Layout name; each is read once per report.
-SOURCES = ("train_json", "calibrate_json", "finetune_json", "check_json", "bench_json", "eval_nenni_json",
-           "eval_dense_json")  # fmt: skip
+SOURCES = ("train_json", "calibrate_json", "finetune_json", "prune_json", "check_json", "bench_json",
+           "eval_nenni_json", "eval_dense_json", "eval_pruned_json")  # fmt: skip
+# The models a report compares, by the label their rows carry; "pruned" only with a [prune] stage.
+MODELS = ("nenni", "dense", "pruned")
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -26,7 +28,7 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 def _accuracy(js: dict[str, dict | None]) -> dict[str, Any]:
     cal = js["calibrate_json"] or {}
-    train, ft, check = js["train_json"], js["finetune_json"], js["check_json"]
+    train, ft, check, pruned = js["train_json"], js["finetune_json"], js["check_json"], js["prune_json"]
     acc = {
         "images": cal.get("eval_images"),
         "dense": cal.get("dense_accuracy"),
@@ -34,6 +36,8 @@ def _accuracy(js: dict[str, dict | None]) -> dict[str, Any]:
         "nenni_calibrated": cal.get("nenni_accuracy"),
         "nenni_finetuned": ft.get("nenni_accuracy_after") if ft else None,
         "base_after_finetune": ft.get("exact_accuracy_after") if ft else None,
+        "pruned": pruned.get("pruned_accuracy_after") if pruned else None,
+        "pruned_images": pruned.get("eval_images") if pruned else None,
     }
     if check:
         acc["onnx"] = {
@@ -50,7 +54,11 @@ def _accuracy(js: dict[str, dict | None]) -> dict[str, Any]:
 def _cost(js: dict[str, dict | None]) -> dict[str, Any]:
     totals = ((js["calibrate_json"] or {}).get("cost") or {}).get("totals", {})
     keys = ("macs_dense", "macs_nenni", "mac_reduction", "bitops_dense", "bitops_nenni", "bitops_reduction")
-    return {k: totals.get(k) for k in keys}
+    cost = {k: totals.get(k) for k in keys}
+    pruning = (js["prune_json"] or {}).get("pruning") or {}
+    cost["macs_pruned"] = pruning.get("macs_pruned")
+    cost["pruned_mac_reduction"] = 1 - pruning["macs_ratio"] if "macs_ratio" in pruning else None
+    return cost
 
 
 def _speed(js: dict[str, dict | None]) -> dict[str, Any] | None:
@@ -59,22 +67,31 @@ def _speed(js: dict[str, dict | None]) -> dict[str, Any] | None:
         return None
     rows = []
     for b in bench["batches"]:
+        # one file is labelled "model"; with the pruned export beside it, each file is labelled by its name
+        labels = [label for label in b["models"] if label != "baseline"]
         sp, ideal, load = b.get("speedup") or {}, b.get("ideal") or {}, b.get("load") or {}
-        rows.append(
-            {
-                "batch": b["batch"],
-                "dense_ms": b["models"]["baseline"]["mean_ms"],
-                "nenni_ms": b["models"]["model"]["mean_ms"],
-                "dense_p99_ms": b["models"]["baseline"]["p99_ms"],
-                "nenni_p99_ms": b["models"]["model"]["p99_ms"],
-                "speedup": sp.get("speedup"),
-                "ci_low": sp.get("ci_low"),
-                "ci_high": sp.get("ci_high"),
-                "mac_ideal": ideal.get("mac_speedup"),
-                "fraction_of_mac_ideal": ideal.get("fraction_of_mac_ideal"),
-                "other_load_cores": load.get("other_processes_busy_cores"),
-            }
-        )
+        row = {
+            "batch": b["batch"],
+            "dense_ms": b["models"]["baseline"]["mean_ms"],
+            "nenni_ms": b["models"][labels[0]]["mean_ms"],
+            "dense_p99_ms": b["models"]["baseline"]["p99_ms"],
+            "nenni_p99_ms": b["models"][labels[0]]["p99_ms"],
+            "speedup": sp.get("speedup"),
+            "ci_low": sp.get("ci_low"),
+            "ci_high": sp.get("ci_high"),
+            "mac_ideal": ideal.get("mac_speedup"),
+            "fraction_of_mac_ideal": ideal.get("fraction_of_mac_ideal"),
+            "other_load_cores": load.get("other_processes_busy_cores"),
+        }
+        if len(labels) > 1:
+            psp = (b.get("speedups") or {}).get(labels[1]) or {}
+            row.update(
+                pruned_ms=b["models"][labels[1]]["mean_ms"],
+                pruned_speedup=psp.get("speedup"),
+                pruned_ci_low=psp.get("ci_low"),
+                pruned_ci_high=psp.get("ci_high"),
+            )
+        rows.append(row)
     env = bench.get("environment", {})
     return {
         "provider": env.get("provider"),
@@ -85,32 +102,26 @@ def _speed(js: dict[str, dict | None]) -> dict[str, Any] | None:
 
 
 def _robustness(js: dict[str, dict | None]) -> dict[str, Any] | None:
-    nenni, dense = js["eval_nenni_json"], js["eval_dense_json"]
-    if nenni is None or dense is None:
+    if js["eval_nenni_json"] is None or js["eval_dense_json"] is None:
         return None
+    evals = {m: js[f"eval_{m}_json"] for m in MODELS if js[f"eval_{m}_json"] is not None}
+    nenni = evals["nenni"]
     per_eps = []
     for label in nenni["eps"]:
-        per_eps.append(
-            {
-                "eps": label,
-                "dense_worst": dense["worst_case"].get(label),
-                "dense_set_by": dense["worst_case_attack"].get(label),
-                "nenni_worst": nenni["worst_case"].get(label),
-                "nenni_set_by": nenni["worst_case_attack"].get(label),
-            }
-        )
+        row = {"eps": label}
+        for m, e in evals.items():
+            row[f"{m}_worst"] = e["worst_case"].get(label)
+            row[f"{m}_set_by"] = e["worst_case_attack"].get(label)
+        per_eps.append(row)
     return {
         "images": nenni["data"]["images"],
         "norm": nenni["norm"],
-        "clean": {"dense": dense["clean_accuracy"], "nenni": nenni["clean_accuracy"]},
+        "models": list(evals),
+        "clean": {m: e["clean_accuracy"] for m, e in evals.items()},
         "per_eps": per_eps,
-        "attacks": {
-            "nenni": {n: a["accuracy"] for n, a in nenni["attacks"].items()},
-            "dense": {n: a["accuracy"] for n, a in dense["attacks"].items()},
-        },
-        "skipped": {"nenni": nenni["skipped"], "dense": dense["skipped"]},
-        "warnings": [f"nenni: {w}" for w in nenni["sanity"]["warnings"]]
-        + [f"dense: {w}" for w in dense["sanity"]["warnings"]],
+        "attacks": {m: {n: a["accuracy"] for n, a in e["attacks"].items()} for m, e in evals.items()},
+        "skipped": {m: e["skipped"] for m, e in evals.items()},
+        "warnings": [f"{m}: {w}" for m, e in evals.items() for w in e["sanity"]["warnings"]],
         "randomised": nenni["target"].get("randomised"),
     }
 
@@ -128,18 +139,30 @@ def headline(s: dict[str, Any]) -> list[str]:
         f"cost: {_fmt((cost['mac_reduction'] or 0) * 100, '.1f')} % fewer MACs, "
         f"{_fmt((cost['bitops_reduction'] or 0) * 100, '.1f')} % fewer BitOPs than dense",
     ]
+    if acc.get("pruned") is not None:
+        lines.append(
+            f"static pruning (torch-pruning): {_fmt(acc['pruned'])} % with "
+            f"{_fmt((cost['pruned_mac_reduction'] or 0) * 100, '.1f')} % fewer MACs"
+        )
     if "onnx" in acc:
         o = acc["onnx"]
         lines.append(f"ONNX Runtime vs PyTorch: {_fmt(o['top1_agreement'])} % top-1 agreement on {o['images']} images")
     if s["speed"]:
         parts = [
             f"batch {r['batch']}: {_fmt(r['speedup'], '.2f')}x (MAC-ideal {_fmt(r['mac_ideal'], '.2f')}x)"
+            + (f", pruned {_fmt(r['pruned_speedup'], '.2f')}x" if "pruned_speedup" in r else "")
             for r in s["speed"]["batches"]
         ]
         lines.append("measured speedup over dense in ONNX Runtime: " + ", ".join(parts))
     if s["robustness"]:
+        names = {"dense": "dense", "nenni": "NENNI", "pruned": "pruned"}
         parts = [
-            f"eps {r['eps']}: dense {_fmt(r['dense_worst'], '.1f')} %, NENNI {_fmt(r['nenni_worst'], '.1f')} %"
+            f"eps {r['eps']}: "
+            + ", ".join(
+                f"{names[m]} {_fmt(r[f'{m}_worst'], '.1f')} %"
+                for m in ("dense", "nenni", "pruned")
+                if f"{m}_worst" in r
+            )
             for r in s["robustness"]["per_eps"]
         ]
         lines.append("worst-case robust accuracy: " + "; ".join(parts))
@@ -189,6 +212,11 @@ def markdown(s: dict[str, Any], lay: Layout) -> str:
     if acc["nenni_finetuned"] is not None:
         rows.append(["NENNI, fine-tuned", _fmt(acc["nenni_finetuned"]), _int(cost["macs_nenni"])])
         rows.append(["its base weights, every layer exact", _fmt(acc["base_after_finetune"]), _int(cost["macs_dense"])])
+    if acc.get("pruned") is not None:
+        images = "" if acc["pruned_images"] == acc["images"] else f" (on {acc['pruned_images']} images)"
+        rows.append(
+            ["static pruning (torch-pruning), fine-tuned", _fmt(acc["pruned"]) + images, _int(cost["macs_pruned"])]
+        )
     out.append(_table(["model", f"test accuracy % ({acc['images']} images)", "MACs / image"], rows))
     out += [
         "",
@@ -208,15 +236,21 @@ def markdown(s: dict[str, Any], lay: Layout) -> str:
         ]
     if s["speed"]:
         sp = s["speed"]
-        out += ["", "## Speed (`nenni bench`, both exports interleaved in one run)", ""]
+        out += ["", "## Speed (`nenni bench`, the exports interleaved in one run)", ""]
+        pruned = any("pruned_ms" in r for r in sp["batches"])
         rows = [
             [r["batch"], _fmt(r["dense_ms"], ".3f"), _fmt(r["nenni_ms"], ".3f"),
              f"{_fmt(r['speedup'])}x [{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]", _fmt(r["mac_ideal"]),
-             _fmt(r["fraction_of_mac_ideal"]), _fmt(r["other_load_cores"])]
+             _fmt(r["fraction_of_mac_ideal"])]
+            + ([_fmt(r.get("pruned_ms"), ".3f"),
+                f"{_fmt(r.get('pruned_speedup'))}x [{_fmt(r.get('pruned_ci_low'))}, {_fmt(r.get('pruned_ci_high'))}]"]
+               if pruned else [])
+            + [_fmt(r["other_load_cores"])]
             for r in sp["batches"]
         ]  # fmt: skip
-        headers = ["batch", "dense ms", "NENNI ms", "speedup [95 % CI]", "MAC-ideal", "of ideal", "other load (cores)"]
-        out.append(_table(headers, rows))
+        headers = ["batch", "dense ms", "NENNI ms", "speedup [95 % CI]", "MAC-ideal", "of ideal"]
+        headers += ["pruned ms", "pruned speedup [95 % CI]"] if pruned else []
+        out.append(_table([*headers, "other load (cores)"], rows))
         out += [
             "",
             f"ONNX Runtime {sp['provider']} provider, {sp['threads']} threads, {sp['cpu']}. Latency is the mean per "
@@ -234,17 +268,21 @@ def markdown(s: dict[str, Any], lay: Layout) -> str:
             "applies) is the robust accuracy to quote."
         )
         out += [""]
-        rows = [[e["eps"], _fmt(e["dense_worst"]), e["dense_set_by"], _fmt(e["nenni_worst"]), e["nenni_set_by"]]
+        models = r.get("models", ["nenni", "dense"])
+        shown = [m for m in ("dense", "nenni", "pruned") if m in models]
+        rows = [[e["eps"], *(v for m in shown for v in (_fmt(e[f"{m}_worst"]), e[f"{m}_set_by"]))]
                 for e in r["per_eps"]]  # fmt: skip
-        out.append(_table(["eps", "dense worst %", "set by", "NENNI worst %", "set by"], rows))
-        for label in ("nenni", "dense"):
+        names = {"dense": "dense", "nenni": "NENNI", "pruned": "pruned"}
+        out.append(_table(["eps", *(h for m in shown for h in (f"{names[m]} worst %", "set by"))], rows))
+        for label in models:
             attacks = r["attacks"][label]
             out += ["", f"Every attack, {label} (clean {_fmt(r['clean'][label])} %):", ""]
             eps = [e["eps"] for e in r["per_eps"]]
             out.append(_table(["attack", *eps], [[n, *(_fmt(a.get(e)) for e in eps)] for n, a in attacks.items()]))
             skipped = [f"- not run: {name}: {why}" for name, why in r["skipped"][label].items()]
             out += ["", *skipped] if skipped else []
-        out += ["", f"![NENNI]({lay.eval_nenni_png.name}) ![dense]({lay.eval_dense_png.name})"]
+        pngs = {"nenni": lay.eval_nenni_png, "dense": lay.eval_dense_png, "pruned": lay.eval_pruned_png}
+        out += ["", " ".join(f"![{label}]({pngs[label].name})" for label in models)]
         if r["warnings"]:
             out += ["", "### Sanity-check warnings", ""] + [f"- {w}" for w in r["warnings"]]
     out += ["", "## Stages", ""]
@@ -253,8 +291,8 @@ def markdown(s: dict[str, Any], lay: Layout) -> str:
     out += [
         "",
         f"Config: `{s['config']}`. Every stage's own JSON is beside this page (train.json, calibrate.json, "
-        "finetune.json, export-*.json, check.json, bench.json, eval-*.json); models in dense/, nenni-calibrated/, "
-        "nenni/ and the two .onnx files.",
+        "finetune.json, prune.json, export-*.json, check.json, bench.json, eval-*.json); models in dense/, "
+        "nenni-calibrated/, nenni/, pruned/ and the .onnx files.",
     ]
     return "\n".join(out) + "\n"
 

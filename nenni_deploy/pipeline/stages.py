@@ -34,6 +34,12 @@ FILES = {
     "dense_dir": "dense",
     "calibrated_dir": "nenni-calibrated",
     "finetuned_dir": "nenni",
+    "pruned_dir": "pruned",
+    "pruned_onnx": "pruned.onnx",
+    "prune_json": "prune.json",
+    "export_pruned_json": "export-pruned.json",
+    "eval_pruned_json": "eval-pruned.json",
+    "eval_pruned_png": "eval-pruned.png",
     "nenni_onnx": "nenni.onnx",
     "dense_onnx": "dense.onnx",
     "train_json": "train.json",
@@ -101,6 +107,13 @@ def _finetune(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
     ]  # fmt: skip
 
 
+def _prune(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
+    return [
+        ["prune", *dense_model(cfg, lay), *_data(cfg), "--out", str(lay.pruned_dir), "--json", str(lay.prune_json),
+         "--no-progress", *_threads(cfg), *cfg.options("prune")]
+    ]  # fmt: skip
+
+
 def _export(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
     table = cfg.tables.get("export") or {}
     # The dense baseline is the model NENNI was made from (kept in its directory, whatever fine-tuning did to the
@@ -112,7 +125,10 @@ def _export(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
          *data, *_threads(cfg), *cfg.options("export")],
         ["export", str(nenni_dir(cfg, lay)), "--dense", "--out", str(lay.dense_onnx),
          "--json", str(lay.export_dense_json), *data, *_threads(cfg), *shared],
-    ]  # fmt: skip
+    ] + ([
+        ["export", str(lay.pruned_dir), "--out", str(lay.pruned_onnx), "--json", str(lay.export_pruned_json),
+         *data, *_threads(cfg), *shared],
+    ] if cfg.enabled("prune") else [])  # fmt: skip
 
 
 def _check(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
@@ -123,22 +139,27 @@ def _check(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
 
 
 def _bench(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
+    pruned = [str(lay.pruned_onnx)] if cfg.enabled("prune") else []
     return [
-        ["bench", str(lay.nenni_onnx), "--baseline", str(lay.dense_onnx), "--json", str(lay.bench_json),
+        ["bench", str(lay.nenni_onnx), *pruned, "--baseline", str(lay.dense_onnx), "--json", str(lay.bench_json),
          "--plot", str(lay.bench_png), "--no-progress", *_threads(cfg), *cfg.options("bench")]
     ]  # fmt: skip
 
 
 def _eval(cfg: PipelineConfig, lay: Layout) -> list[list[str]]:
-    """Both exported models under the same attacks and budgets: the NENNI one (white-box on its PyTorch source,
-    BPDA, EOT when noisy, transfer from its dense base) and the dense one, replayed on ONNX Runtime."""
+    """The exported models under the same attacks and budgets: the NENNI one (white-box on its PyTorch source,
+    BPDA, EOT when noisy, transfer from its dense base), the dense one and the pruned one, replayed on ONNX
+    Runtime."""
     common = [*_data(cfg), "--no-progress", *_threads(cfg), *cfg.options("eval")]
     return [
         ["eval", str(lay.nenni_onnx), "--source", str(nenni_dir(cfg, lay)), "--json", str(lay.eval_nenni_json),
          "--plot", str(lay.eval_nenni_png), *common],
         ["eval", str(lay.dense_onnx), "--source", str(nenni_dir(cfg, lay)), "--json", str(lay.eval_dense_json),
          "--plot", str(lay.eval_dense_png), *common],
-    ]  # fmt: skip
+    ] + ([
+        ["eval", str(lay.pruned_onnx), "--source", str(lay.pruned_dir), "--json", str(lay.eval_pruned_json),
+         "--plot", str(lay.eval_pruned_png), *common],
+    ] if cfg.enabled("prune") else [])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -157,6 +178,7 @@ STAGES = (
     Stage("train", _train, lambda lay: [lay.train_json, lay.dense_dir / "config.json"], table="train"),
     Stage("calibrate", _calibrate, lambda lay: [lay.calibrate_json, lay.calibrated_dir / "config.json"]),
     Stage("finetune", _finetune, lambda lay: [lay.finetune_json, lay.finetuned_dir / "config.json"], table="finetune"),
+    Stage("prune", _prune, lambda lay: [lay.prune_json, lay.pruned_dir / "config.json"], table="prune"),
     Stage("export", _export, lambda lay: [lay.nenni_onnx, lay.dense_onnx, lay.export_nenni_json]),
     Stage("check", _check, lambda lay: [lay.check_json]),
     Stage("bench", _bench, lambda lay: [lay.bench_json, lay.bench_png], table="bench"),
