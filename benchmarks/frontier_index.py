@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, required=True)
     ap.add_argument("--results", type=Path, default=Path("results/frontier"))
     ap.add_argument("--recipe", default="")
+    ap.add_argument("--epochs", type=int, default=None, help="Epochs in all (default: the last stage's)")
     ap.add_argument("--allow-partial", action="store_true")
     args = ap.parse_args(argv)
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "bitops_ratio": round(bitops_ratio, 4),
         "accuracy": round(float(accuracy), 2),
         "eval_images": metrics.get("eval_images"),
-        "epochs": epochs,
+        "epochs": args.epochs or epochs,
         "recipe": args.recipe,
     }
     index = [e for e in index if e.get("name") != args.name] + [entry]
