@@ -96,6 +96,7 @@ def command(
     click.echo(
         f"pruned ({p['mode']}, {importance}): {p['macs_ratio']:.3f} of dense MACs, "
         f"{p['params_pruned']:,} of {p['params_dense']:,} parameters, ratio {p['pruning_ratio']:.3f}"
+        + (f", widths in multiples of {p['round_to']}" if p.get("round_to") else "")
     )
     if p["mode"] != "dependency-graph":
         click.echo(f"note: {p['note']}")
