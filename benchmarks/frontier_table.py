@@ -28,6 +28,11 @@ def speedup(check: Path, name: str, batch: int) -> float | None:
     return None
 
 
+def _series(entry: dict) -> str:
+    rounded = entry["method"] == "pruning" and "multiple of" in entry.get("granularity", "")
+    return "pruning, widths x8" if rounded else entry["method"]
+
+
 def accuracy(check: Path, name: str) -> float | None:
     path = check / f"{name}.predict.json"
     return json.loads(path.read_text())["accuracy"] if path.is_file() else None
@@ -73,18 +78,39 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for method, marker in (("nenni", "o"), ("pruning", "s")):
-            pts = sorted((e["macs_ratio"], e["accuracy"]) for e in entries if e["method"] == method)
+        fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        styles = {"nenni": "o", "pruning": "s", "pruning, widths x8": "D"}
+        for series, marker in styles.items():
+            members = [e for e in entries if _series(e) == series]
+            pts = sorted((e["macs_ratio"], e["accuracy"]) for e in members)
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker=marker, label=method)
+                ax.plot(*zip(*pts, strict=True), marker=marker, label=series)
+            for suffix, fill in (("", "full"), ("-int8", "none")):
+                fast = [(speedup(args.check, e["name"] + suffix, 1), e["accuracy"]) for e in members]
+                fast = sorted((x, y) for x, y in fast if x)
+                if fast:
+                    ax_speed.plot(
+                        *zip(*fast, strict=True),
+                        marker=marker,
+                        linestyle="",
+                        fillstyle=fill,
+                        color=ax.lines[-1].get_color(),
+                        label=f"{series}{' int8' if suffix else ''}",
+                    )
         for arch, acc in DENSE.items():
             if any(e["architecture"] == arch for e in entries):
                 ax.plot([1.0], [acc], "k*", markersize=10, label=f"dense {arch}")
+                ax_speed.plot([1.0], [acc], "k*", markersize=10, label=f"dense {arch} (baseline)")
+        dense8 = speedup(args.check, "dense-resnet20-int8", 1), accuracy(args.check, "dense-resnet20-int8")
+        if all(dense8):
+            ax_speed.plot(*dense8, "k*", markersize=10, fillstyle="none", label="dense resnet20 int8")
         ax.set_xlabel("MACs, fraction of dense (nenni/cost.py)")
         ax.set_ylabel("test accuracy % (10,000 images)")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        ax_speed.set_xlabel("measured speedup over dense float32, ONNX Runtime CPU, batch 1")
+        ax_speed.axvline(1.0, color="grey", linewidth=0.8)
+        for a in (ax, ax_speed):
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
         fig.tight_layout()
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.plot, dpi=120)
