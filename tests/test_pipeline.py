@@ -116,7 +116,8 @@ def test_demo_dry_run_prints_the_real_commands(tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert [line.split()[1] for line in lines if line.startswith("  nenni ")] == [
-        "train", "calibrate", "finetune", "prune", "export", "export", "export", "check", "bench", "eval", "eval", "eval",
+        "train", "calibrate", "finetune", "prune", "export", "export", "export", "check", "bench",
+        "eval", "eval", "eval",
     ]  # fmt: skip
     assert [line for line in lines if line.startswith("[")][0] == "[train] would run"
     assert not (tmp_path / "d").exists()
