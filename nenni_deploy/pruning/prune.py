@@ -30,6 +30,7 @@ from ..nenni.cost import layer_costs
 
 IMPORTANCES = ("l1", "taylor")
 SCAN_STEP = 0.05
+PROBE_RATIOS = (0.3, 0.6, 0.9)  # where the dependency graph must give a model that runs
 MODES = ("dependency-graph", "non-residual")
 # Modules a channel passes through unchanged on its way to the next layer (elementwise, per-channel).
 _CHANNELWISE = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d)
@@ -50,6 +51,11 @@ class PruneConfig:
     # TensorRT's tensor cores want multiples of 8 (fp16) and 32 (int8) too; TensorRT Model Optimizer's FastNAS
     # rounds to 32 by default. 1 (or None) = the exact widths the ratio gives.
     round_to: int | None = 8
+
+    @property
+    def multiple(self) -> int | None:
+        """The multiple the widths keep, None for exact widths."""
+        return self.round_to if self.round_to and self.round_to > 1 else None
 
     def __post_init__(self) -> None:
         if self.round_to is not None and not (isinstance(self.round_to, int) and self.round_to >= 1):
@@ -189,7 +195,7 @@ def _prune_copy(
         importance=_importance(importance),
         pruning_ratio=ratio,
         ignored_layers=ignored,
-        round_to=round_to if round_to and round_to > 1 else None,
+        round_to=round_to,
     )
     if importance == "taylor":
         xb, yb = taylor_batch
@@ -215,7 +221,6 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config: Pru
     gradients. The returned model runs and has the dense model's output shape, or this raises a NenniError.
     """
     model = model.eval()
-    rounded = config.round_to is not None and config.round_to > 1
     input_shape = tuple(x.shape[1:])
     example = x[:1]
     with torch.no_grad():
@@ -228,22 +233,28 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config: Pru
         taylor_batch = (x[idx], y[idx])
     dense_macs = total_macs(model, input_shape)
 
+    def runs_at(ratios: tuple[float, ...], ignored: set[str]) -> bool:
+        # several ratios: with rounding, a light one can leave the group that breaks a shortcut whole
+        return all(
+            _runs(_prune_copy(model, example, r, config.importance, ignored, taylor_batch, config.multiple), example,
+                  expected)
+            for r in ratios
+        )  # fmt: skip
+
     mode, ignored, note = MODES[0], set(), "torch-pruning's dependency graph over every conv"
-    probe = _prune_copy(model, example, 0.3, config.importance, ignored, taylor_batch, config.round_to)
-    if not _runs(probe, example, expected):
+    if not runs_at(PROBE_RATIOS, ignored):
         mode, ignored = MODES[1], residual_reaching(model)
         note = (
             "the dependency graph breaks a residual shortcut it does not trace (the pruned model does not run); "
             f"pruned only the convolutions whose output reaches no residual addition ({len(ignored)} left whole)"
         )
-        probe = _prune_copy(model, example, 0.3, config.importance, ignored, taylor_batch, config.round_to)
-        if not _runs(probe, example, expected):
+        if not runs_at(PROBE_RATIOS[:1], ignored):
             raise NenniError(
                 "torch-pruning could not prune this model into one that runs, even without its residual-feeding layers"
             )
 
     def trial(ratio: float) -> tuple[nn.Module, int]:
-        m = _prune_copy(model, example, ratio, config.importance, ignored, taylor_batch, config.round_to)
+        m = _prune_copy(model, example, ratio, config.importance, ignored, taylor_batch, config.multiple)
         if not _runs(m, example, expected):
             raise NenniError(f"the model pruned at ratio {ratio:.3f} does not run or changes the output shape")
         return m, total_macs(m, input_shape)
@@ -264,7 +275,11 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config: Pru
         raise NenniError(
             f"--budget-macs {config.budget_macs:g} cannot be met by {mode} pruning: at most "
             f"{1 - least / dense_macs:.1%} fewer MACs ({least / dense_macs:.3f} of dense)"
-            + (f" with widths in multiples of {config.round_to} (--round-to 1 allows any width)" if rounded else "")
+            + (
+                f" with widths in multiples of {config.multiple} (--round-to 1 allows any width)"
+                if config.multiple
+                else ""
+            )
         )
     best, best_macs, hi = found
     best_ratio = hi
@@ -287,7 +302,7 @@ def prune(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, config: Pru
         params_dense=sum(p.numel() for p in model.parameters()),
         params_pruned=sum(p.numel() for p in best.parameters()),
         output_shape=expected[1:],
-        round_to=config.round_to if rounded else None,
+        round_to=config.multiple,
         layers={n: [before[n], after[n]] for n in before if n in after},
     )
 
