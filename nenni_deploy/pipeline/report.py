@@ -20,6 +20,7 @@ SOURCES = ("train_json", "calibrate_json", "finetune_json", "prune_json", "check
            "eval_nenni_json", "eval_dense_json", "eval_pruned_json")  # fmt: skip
 # The models a report compares, by the label their rows carry; "pruned" only with a [prune] stage.
 MODELS = ("nenni", "dense", "pruned")
+NAMES = {"dense": "dense", "nenni": "NENNI", "pruned": "pruned"}  # how tables name them, in their column order
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -155,14 +156,9 @@ def headline(s: dict[str, Any]) -> list[str]:
         ]
         lines.append("measured speedup over dense in ONNX Runtime: " + ", ".join(parts))
     if s["robustness"]:
-        names = {"dense": "dense", "nenni": "NENNI", "pruned": "pruned"}
         parts = [
             f"eps {r['eps']}: "
-            + ", ".join(
-                f"{names[m]} {_fmt(r[f'{m}_worst'], '.1f')} %"
-                for m in ("dense", "nenni", "pruned")
-                if f"{m}_worst" in r
-            )
+            + ", ".join(f"{NAMES[m]} {_fmt(r[f'{m}_worst'], '.1f')} %" for m in NAMES if f"{m}_worst" in r)
             for r in s["robustness"]["per_eps"]
         ]
         lines.append("worst-case robust accuracy: " + "; ".join(parts))
@@ -269,11 +265,10 @@ def markdown(s: dict[str, Any], lay: Layout) -> str:
         )
         out += [""]
         models = r.get("models", ["nenni", "dense"])
-        shown = [m for m in ("dense", "nenni", "pruned") if m in models]
+        shown = [m for m in NAMES if m in models]
         rows = [[e["eps"], *(v for m in shown for v in (_fmt(e[f"{m}_worst"]), e[f"{m}_set_by"]))]
                 for e in r["per_eps"]]  # fmt: skip
-        names = {"dense": "dense", "nenni": "NENNI", "pruned": "pruned"}
-        out.append(_table(["eps", *(h for m in shown for h in (f"{names[m]} worst %", "set by"))], rows))
+        out.append(_table(["eps", *(h for m in shown for h in (f"{NAMES[m]} worst %", "set by"))], rows))
         for label in models:
             attacks = r["attacks"][label]
             out += ["", f"Every attack, {label} (clean {_fmt(r['clean'][label])} %):", ""]
