@@ -32,6 +32,8 @@ COMMON=(--epochs "$EPOCHS" --lr "$LR" --grad-clip "$CLIP" --schedule cosine --ba
         --no-progress --resume)
 mkdir -p "$RUNS" "$RESULTS"
 log() { echo "[$(date -u +%F' '%T)] $*"; }
+# shellcheck source=benchmarks/_commit_point.sh
+source benchmarks/_commit_point.sh
 
 base_r20() {  # the calibrated channel model every NENNI point re-allocates from (its dense base is the checkpoint)
   local out="$RUNS/base-r20-channel"
@@ -52,13 +54,7 @@ publish() {  # NAME METHOD METRIC BUDGET
   [ "$method" = pruning ] && recipe="--importance l1 --teacher dense $(round_args "$name")"
   "$PY" benchmarks/frontier_index.py "$RUNS/$name" "$name" --method "$method" --budget-metric "$metric" \
     --budget "$budget" --results "$RESULTS" --recipe "$recipe epochs=$EPOCHS lr=$LR grad-clip=$CLIP" || return 1
-  if [ "$COMMIT" = 1 ]; then
-    for _ in 1 2 3 4 5; do
-      git add "$RESULTS/$name" "$RESULTS/index.json" &&
-        git commit -q -m "results/frontier: $name (ResNet-20, $method, $metric budget $budget)" -- "$RESULTS" && break
-      sleep 20
-    done
-  fi
+  commit_point "$name" "results/frontier: $name (ResNet-20, $method, $metric budget $budget)"
 }
 
 point() {  # NAME

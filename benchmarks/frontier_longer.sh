@@ -19,13 +19,8 @@ COMMIT=${COMMIT:-1}
 RUNS=runs/frontier
 RESULTS=results/frontier
 log() { echo "[$(date -u +%F' '%T)] $*"; }
-commit() {  # NAME MESSAGE
-  [ "$COMMIT" = 1 ] || return 0
-  for _ in 1 2 3 4 5; do
-    git add "$RESULTS/$1" "$RESULTS/index.json" && git commit -q -m "$2" -- "$RESULTS" && return 0
-    sleep 20
-  done
-}
+# shellcheck source=benchmarks/_commit_point.sh
+source benchmarks/_commit_point.sh
 
 nenni_10ep() {
   local name=nenni-r20-macs0.7-10ep from="$RESULTS/nenni-r20-macs0.7"
@@ -37,7 +32,7 @@ nenni_10ep() {
   "$PY" benchmarks/frontier_index.py "$RUNS/$name" "$name" --method nenni --budget-metric macs --budget 0.7 \
     --epochs 10 --recipe "nenni-r20-macs0.7 + 5 epochs: --teacher dense-base --anneal-epochs 0 lr=$LR grad-clip=25" \
     || return 1
-  commit "$name" "results/frontier: $name (ResNet-20, NENNI, 5 + 5 epochs)"
+  commit_point "$name" "results/frontier: $name (ResNet-20, NENNI, 5 + 5 epochs)"
 }
 
 pruning_10ep() {
