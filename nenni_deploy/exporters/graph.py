@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -393,3 +394,26 @@ def expose_noise(proto: ModelProto) -> tuple[ModelProto, list[dict[str, Any]]]:
             }
         )
     return copy, records
+
+
+def ort_optimized(
+    model: ModelProto | str | os.PathLike, *, all_optimizations: bool = False, what: str = "the model"
+) -> ModelProto:
+    """`model` as ONNX Runtime's CPU provider runs it after its graph optimizations: extended (function bodies
+    inlined, QDQ groups fused into integer kernels), or all (also the hardware-specific blocked NCHWc layout)."""
+    import onnxruntime as ort
+
+    data = model.SerializeToString() if isinstance(model, ModelProto) else os.fspath(model)
+    with tempfile.TemporaryDirectory(prefix="nenni-ort-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        options = ort.SessionOptions()
+        level = ort.GraphOptimizationLevel
+        options.graph_optimization_level = level.ORT_ENABLE_ALL if all_optimizations else level.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = path
+        options.log_severity_level = 3  # the "hardware-specific optimized model" warning is expected
+        options.intra_op_num_threads = 1
+        try:
+            ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises several types; the user needs one line
+            raise NenniError(f"ONNX Runtime cannot load {what}: {first_line(exc)}") from None
+        return onnx.load(path, load_external_data=False)

@@ -22,7 +22,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -437,20 +436,7 @@ def _ort_version() -> str:
 def optimized_nodes(proto: ModelProto) -> list[NodeProto]:
     """The nodes ONNX Runtime runs for `proto` on the CPU provider after its extended optimizations (function
     bodies inlined, QDQ groups fused into integer kernels)."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory(prefix="nenni-int8-") as tmp:
-        path = os.path.join(tmp, "optimized.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = path
-        options.log_severity_level = 3
-        try:
-            ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise NenniError(f"ONNX Runtime cannot load the int8 model: {text}") from None
-        return list(onnx.load(path, load_external_data=False).graph.node)
+    return list(graph.ort_optimized(proto, what="the int8 model").graph.node)
 
 
 def integer_op_counts(proto: ModelProto) -> dict[str, Any]:

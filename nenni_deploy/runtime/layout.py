@@ -13,12 +13,12 @@ multiples of 8 every convolution is blocked and it runs at 1.22x (docs/results.m
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import onnx
 from onnx import ModelProto
+
+from ..exporters.graph import ort_optimized
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 PLAIN_CONVS = frozenset({"Conv", "FusedConv"})
@@ -50,18 +50,7 @@ class ConvLayout:
 
 def cpu_conv_layout(model: ModelProto | str | os.PathLike) -> ConvLayout:
     """Optimize `model` as the CPU provider does at ORT_ENABLE_ALL and count its convolutions by layout."""
-    import onnxruntime as ort
-
-    data = model.SerializeToString() if isinstance(model, ModelProto) else os.fspath(model)
-    with tempfile.TemporaryDirectory(prefix="nenni-layout-") as tmp:
-        path = os.path.join(tmp, "optimized.onnx")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.optimized_model_filepath = path
-        options.log_severity_level = 3  # the "hardware-specific optimized model" warning is the point here
-        options.intra_op_num_threads = 1
-        ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(path, load_external_data=False)
+    optimized = ort_optimized(model, all_optimizations=True)
     graph = optimized.graph
     shapes = {t.name: tuple(t.dims) for t in graph.initializer}
     blocked = plain = reorders = 0
